@@ -1,0 +1,97 @@
+"""Shared vocabulary of the room side: limits, counters, received data, feature seams.
+
+The seam is `PacketTransport`, between the connection (`room.py`) and the features built on
+data packets (`streams.py`, `rpc.py`).
+
+Features never touch data channels: they send through a `PacketTransport` and are fed inbound
+packets by the room's dispatcher, in arrival order, one at a time.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from livekit.protocol import models
+
+# An encoded DataPacket larger than this makes livekit-server close the data channel
+# (it reads with a 65,535-byte buffer); the SDKs guard at 64,000 and so do we.
+MAX_DATA_PACKET_BYTES = 64_000
+# Stream chunks and headers stay within this many bytes, as in every LiveKit SDK.
+STREAM_CHUNK_SIZE = 15_000
+# RPC v1 request and response payloads, UTF-8 bytes.
+MAX_RPC_V1_PAYLOAD_BYTES = 15_360
+# Lossy payloads above this are split by aiortc into several SCTP fragments; any lost fragment
+# loses the message. Not enforced (the channel limit is), only logged once per room.
+LOSSY_ADVISED_BYTES = 1_200
+
+# client_protocol levels (client-to-client features), see livekit-protocol.md §1.4.
+CLIENT_PROTOCOL_DEFAULT = 0
+CLIENT_PROTOCOL_DATA_STREAM_RPC = 1
+CLIENT_PROTOCOL_DATA_STREAM_V2 = 2
+
+
+class DataPacketKind(enum.IntEnum):
+    """Which channel a packet travels on (values as in `models.DataPacket.Kind`)."""
+
+    KIND_RELIABLE = 0
+    KIND_LOSSY = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DataPacket:
+    """A user data packet received from the room (named as in the official SDK)."""
+
+    data: bytes
+    kind: DataPacketKind
+    participant_identity: str  # "" when sent through the server API or by a hidden participant
+    participant_sid: str
+    topic: str | None = None
+    destination_identities: tuple[str, ...] = ()
+
+
+class Counters(Counter[str]):
+    """Named event counts of one room (drops, malformed input, duplicates, ...).
+
+    Every deliberate drop and every rejected input is counted here, so operators can see it;
+    names are dotted, e.g. ``packets.lossy_dropped``, ``streams.chunk_gap``.
+    """
+
+    def inc(self, name: str, n: int = 1) -> None:
+        """Add `n` to the count called `name`."""
+        self[name] += n
+
+
+class PacketTransport(Protocol):
+    """What streams and RPC need from the connection.
+
+    `send_packet` fills in sequence numbers, enforces `MAX_DATA_PACKET_BYTES` (raising
+    `DataPacketTooLargeError` before anything is sent), waits for room on the reliable channel
+    (flow control) and drops-and-counts lossy packets when that channel is congested. It raises
+    `NotConnectedError` when the room is not connected.
+    """
+
+    @property
+    def local_identity(self) -> str:
+        """Our own participant identity."""
+        ...
+
+    @property
+    def counters(self) -> Counters:
+        """The room's counters."""
+        ...
+
+    async def send_packet(self, packet: models.DataPacket, *, reliable: bool = True) -> None:
+        """Send one DataPacket to `packet.destination_identities` (empty: the whole room)."""
+        ...
+
+    def participant_info(self, identity: str) -> models.ParticipantInfo | None:
+        """The latest ParticipantInfo of a remote participant, None if not in the room."""
+        ...
+
+    def remote_identities(self) -> Sequence[str]:
+        """Identities of every remote participant currently in the room."""
+        ...
