@@ -1,0 +1,75 @@
+"""Flow control for sending on aiortc data channels.
+
+aiortc's `RTCDataChannel.send` never blocks and queues without limit, so a fast producer would
+grow memory without bound. `FlowControlledChannel` applies the LiveKit SDKs' watermark scheme:
+reliable sends wait while `bufferedAmount` is above the high-water mark until it falls to the
+low-water mark; lossy sends are dropped (and counted) while the channel is congested, since
+late lossy data is worthless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiortc import RTCDataChannel
+
+from bridge.room.errors import NotConnectedError
+from bridge.room.types import Counters
+
+log = logging.getLogger("roombus.room.datachannel")
+
+# The JS SDK's reliable watermarks: wait above 1 MiB buffered, resume at 64 KiB.
+RELIABLE_HIGH_WATER = 1024 * 1024
+RELIABLE_LOW_WATER = 64 * 1024
+# Lossy data is dropped while more than this is waiting to be handed to SCTP.
+LOSSY_HIGH_WATER = 64 * 1024
+
+
+class FlowControlledChannel:
+    """A send-side wrapper of one data channel with watermark flow control."""
+
+    def __init__(self, channel: RTCDataChannel, counters: Counters, *, lossy: bool) -> None:
+        self.channel = channel
+        self.lossy = lossy
+        self._counters = counters
+        self._drained = asyncio.Event()
+        self._drained.set()
+        channel.bufferedAmountLowThreshold = RELIABLE_LOW_WATER
+        channel.on("bufferedamountlow", self._drained.set)
+        channel.on("close", self._drained.set)
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the channel can send now."""
+        return bool(self.channel.readyState == "open")
+
+    def _check_open(self) -> None:
+        if not self.is_open:
+            raise NotConnectedError(
+                f"data channel {self.channel.label} is {self.channel.readyState}, not open"
+            )
+
+    async def wait_writable(self) -> None:
+        """Wait until a reliable send may go ahead (buffer below the high-water mark)."""
+        while True:
+            self._check_open()
+            if self.channel.bufferedAmount <= RELIABLE_HIGH_WATER:
+                return
+            self._drained.clear()
+            self._counters.inc("datachannel.backpressure_waits")
+            await self._drained.wait()
+
+    def send_now(self, data: bytes) -> None:
+        """Hand `data` to the channel at once (callers waited in `wait_writable` first)."""
+        self._check_open()
+        self.channel.send(data)
+
+    def try_send_lossy(self, data: bytes) -> bool:
+        """Send unless congested; a dropped message is counted and False returned."""
+        self._check_open()
+        if self.channel.bufferedAmount > LOSSY_HIGH_WATER:
+            self._counters.inc("packets.lossy_dropped")
+            return False
+        self.channel.send(data)
+        return True

@@ -1,0 +1,724 @@
+"""`Room`: our LiveKit participant — one connection to one room, kept up until closed.
+
+A *session* is one signalling socket plus its two peer connections. `Room.connect` opens the
+first; when a session is lost (socket closed, pings unanswered, a peer connection failed, or the
+server asks us to leave and come back) the supervisor opens a new one with jittered exponential
+backoff — aiortc cannot ICE-restart, so every recovery is a full rejoin with a new sid. Pending
+RPCs fail and open streams abort at that moment; after the rejoin the participant state is
+diffed against what we held, so subscribers see what changed during the outage.
+
+Inbound data takes three bounded paths, each drained in order by its own task: user packets and
+state changes go to the event hub (`Room.on`, `Room.events`), stream packets to the
+`StreamManager`, RPC packets to the `RpcManager`. The aiortc callbacks only classify and enqueue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, TypeVar
+
+import tenacity
+from aiortc import RTCConfiguration, RTCDataChannel
+from livekit.protocol import models, rtc
+
+from bridge.room.datachannel import FlowControlledChannel
+from bridge.room.errors import (
+    ConnectError,
+    NotConnectedError,
+    RpcError,
+    ServerUnreachableError,
+    StateUpdateError,
+)
+from bridge.room.events import (
+    DataReceived,
+    Disconnected,
+    EventHub,
+    Reconnected,
+    Reconnecting,
+    Subscription,
+)
+from bridge.room.packets import ReceiveDeduper, decode, encode, received_user_packet
+from bridge.room.participant import LocalParticipant, RemoteParticipant
+from bridge.room.rpc import RpcManager
+from bridge.room.signal import JoinParams, SignalClient, SignalClosedError
+from bridge.room.state import ParticipantDisconnected, RoomState
+from bridge.room.streams import ByteStreamHandler, StreamManager, TextStreamHandler
+from bridge.room.transport import PeerTransport, ice_configuration
+from bridge.room.types import (
+    CLIENT_PROTOCOL_DATA_STREAM_V2,
+    Counters,
+    DataPacketKind,
+)
+
+log = logging.getLogger("roombus.room")
+
+E = TypeVar("E")
+
+_STREAM_KINDS = frozenset({"stream_header", "stream_chunk", "stream_trailer"})
+_RPC_KINDS = frozenset({"rpc_request", "rpc_ack", "rpc_response"})
+# Seconds to wait for a lost session's peer connections to close before rejoining anyway,
+# and for any still closing when the room itself closes.
+CLOSE_GRACE = 2.0
+FINAL_CLOSE_GRACE = 5.0
+
+
+@dataclass
+class RoomOptions:
+    """How the participant connects and recovers."""
+
+    # Subscribe to media tracks: never needed for data, and aiortc + media re-offers are fragile.
+    auto_subscribe: bool = False
+    # Signalling socket up and JoinResponse received within this many seconds.
+    join_timeout: float = 10.0
+    # Both peer connections and data channels up within this many seconds after joining.
+    webrtc_timeout: float = 15.0
+    # Rejoin after a lost session; None attempts means until `disconnect()`.
+    reconnect: bool = True
+    reconnect_max_attempts: int | None = None
+    reconnect_initial_delay: float = 0.5
+    reconnect_max_delay: float = 30.0
+    # ICE servers to use instead of the ones the server sends (None: the server's).
+    ice_servers: Sequence[rtc.ICEServer] | None = None
+    # Bounds of the inbound paths (events, stream packets, RPC packets), in items.
+    event_queue_size: int = 10_000
+    stream_queue_size: int = 4_096
+    rpc_queue_size: int = 4_096
+    # Seconds to wait for the server to confirm a change of our own name/metadata/attributes.
+    state_update_timeout: float = 10.0
+    # What we tell peers we implement (see livekit-protocol.md §1.4).
+    client_protocol: int = CLIENT_PROTOCOL_DATA_STREAM_V2
+    capabilities: Sequence[int] = field(
+        default_factory=lambda: [models.ClientInfo.Capability.CAP_COMPRESSION_DEFLATE_RAW]
+    )
+
+
+class _Session:
+    """One signalling socket and its two peer connections."""
+
+    def __init__(self, join: rtc.JoinResponse, signal: SignalClient, config: RTCConfiguration):
+        self.join = join
+        self.signal = signal
+        self.config = config
+        self.subscriber: PeerTransport | None = None
+        self.publisher: PeerTransport | None = None
+        self.reliable: FlowControlledChannel | None = None
+        self.lossy: FlowControlledChannel | None = None
+        self.channels_open = asyncio.Event()
+        self.next_seq = 1
+        self.offer_id = 0
+        self.lost = False
+        self.reader: asyncio.Task[None] | None = None
+
+
+class Room:
+    """A LiveKit room, joined as a participant.
+
+    Use::
+
+        room = Room()
+        room.register_text_stream_handler("chat", on_chat)
+        async with room:
+            await room.connect(url, token)
+            async for event in room.events(DataReceived):
+                ...
+    """
+
+    def __init__(self, options: RoomOptions | None = None) -> None:
+        self.options = options or RoomOptions()
+        self.counters = Counters()
+        self.local_participant = LocalParticipant(self)
+        self._state = RoomState(counters=self.counters)
+        self._hub = EventHub()
+        self._streams = StreamManager(self)
+        self._rpc = RpcManager(self, self._streams)
+        self._deduper = ReceiveDeduper()
+        self._session: _Session | None = None
+        self._url = ""
+        self._token = ""
+        self._connection_state = "disconnected"
+        self._lost: asyncio.Queue[tuple[_Session, str, bool]] = asyncio.Queue()
+        self._event_inbox: asyncio.Queue[object] = asyncio.Queue(self.options.event_queue_size)
+        self._stream_inbox: asyncio.Queue[models.DataPacket] = asyncio.Queue(
+            self.options.stream_queue_size
+        )
+        self._rpc_inbox: asyncio.Queue[models.DataPacket] = asyncio.Queue(
+            self.options.rpc_queue_size
+        )
+        self._pending_updates: dict[int, asyncio.Future[rtc.RequestResponse]] = {}
+        self._next_request_id = 1
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closers: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._closed = asyncio.Event()
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def connection_state(self) -> str:
+        """``disconnected``, ``connecting``, ``connected`` or ``reconnecting``."""
+        return self._connection_state
+
+    @property
+    def isconnected(self) -> bool:
+        """Whether a session is up (sends can go out)."""
+        return self._connection_state == "connected"
+
+    @property
+    def name(self) -> str:
+        """The room's name."""
+        return self._state.room.name
+
+    @property
+    def sid(self) -> str:
+        """The room's sid."""
+        return self._state.room.sid
+
+    @property
+    def metadata(self) -> str:
+        """The room's metadata (set through the server API)."""
+        return self._state.room.metadata
+
+    @property
+    def remote_participants(self) -> dict[str, RemoteParticipant]:
+        """Everyone else in the room, by identity (snapshots)."""
+        return {
+            identity: RemoteParticipant.from_info(info)
+            for identity, info in self._state.remote_participants.items()
+        }
+
+    def on(
+        self, event_type: type[E], handler: Callable[[E], Awaitable[None] | None]
+    ) -> Callable[[], None]:
+        """Call `handler` for each event of `event_type`, in order; returns an unsubscriber."""
+        return self._hub.on(event_type, handler)
+
+    def events(self, *types: type[Any], maxsize: int = 1024) -> Subscription:
+        """An async iterator over events of `types` (all when none), ending when the room closes."""
+        return self._hub.subscribe(types, maxsize)
+
+    def register_text_stream_handler(self, topic: str, handler: TextStreamHandler) -> None:
+        """Handle incoming text streams of `topic`; register before data arrives."""
+        self._streams.register_text_stream_handler(topic, handler)
+
+    def unregister_text_stream_handler(self, topic: str) -> None:
+        """Stop handling text streams of `topic` (they are then dropped)."""
+        self._streams.unregister_text_stream_handler(topic)
+
+    def register_byte_stream_handler(self, topic: str, handler: ByteStreamHandler) -> None:
+        """Handle incoming byte streams of `topic`; register before data arrives."""
+        self._streams.register_byte_stream_handler(topic, handler)
+
+    def unregister_byte_stream_handler(self, topic: str) -> None:
+        """Stop handling byte streams of `topic` (they are then dropped)."""
+        self._streams.unregister_byte_stream_handler(topic)
+
+    async def connect(self, url: str, token: str) -> None:
+        """Join the room at `url` with `token`; returns once data can flow both ways.
+
+        Raises a `ConnectError` (invalid URL, rejected token, unreachable server, WebRTC not
+        connecting in time) without retrying: retry policy for the first join is the caller's.
+        """
+        if self._connection_state != "disconnected" or self._closing:
+            raise ConnectError("room: connect called twice (a Room joins once; make a new one)")
+        self._url, self._token = url, token
+        self._connection_state = "connecting"
+        try:
+            session, events = await self._open_session()
+        except BaseException:
+            self._connection_state = "disconnected"
+            raise
+        self._session = session
+        self._connection_state = "connected"
+        for name, coro in (
+            ("lk-events", self._drain_events()),
+            ("lk-streams", self._drain_streams()),
+            ("lk-rpc", self._drain_rpc()),
+            ("lk-supervisor", self._supervise()),
+        ):
+            self._spawn(name, coro)
+        for event in events:
+            self._post_event(event)
+
+    async def disconnect(self, reason: str = "client disconnect") -> None:
+        """Leave the room (telling the server, so we vanish at once) and stop every task."""
+        await self._shutdown(reason, None)
+
+    async def _shutdown(self, reason: str, error: Exception | None) -> None:
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        session, self._session = self._session, None
+        if session is not None:
+            await self._close_session(session, send_leave=True)
+        self._rpc.fail_all(RpcError(RpcError.SEND_FAILED, "room closed"))
+        self._streams.abort_all("room closed")
+        await self._rpc.aclose()
+        await self._streams.aclose()
+        self._connection_state = "disconnected"
+        # Let the dispatchers deliver what is queued (with Disconnected last), then stop them.
+        self._post_event(Disconnected(reason, error))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                await self._event_inbox.join()
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._closers:
+            _done, late = await asyncio.wait(self._closers, timeout=FINAL_CLOSE_GRACE)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        self._hub.close()
+        self._closed.set()
+
+    async def aclose(self) -> None:
+        """Same as `disconnect()`."""
+        await self.disconnect()
+
+    async def __aenter__(self) -> Room:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.disconnect()
+
+    async def wait_closed(self) -> None:
+        """Wait until the room is closed for good."""
+        await self._closed.wait()
+
+    # ------------------------------------------- PacketTransport (streams, rpc)
+
+    @property
+    def local_identity(self) -> str:
+        """Our identity."""
+        return self._state.local.identity
+
+    def participant_info(self, identity: str) -> models.ParticipantInfo | None:
+        """The latest ParticipantInfo of a remote participant."""
+        return self._state.remote_participants.get(identity)
+
+    def remote_identities(self) -> Sequence[str]:
+        """Identities of everyone else in the room."""
+        return list(self._state.remote_participants)
+
+    async def send_packet(self, packet: models.DataPacket, *, reliable: bool = True) -> None:
+        """Send one DataPacket on the reliable or lossy channel (see `PacketTransport`)."""
+        session = self._require_session()
+        if reliable:
+            assert session.reliable is not None
+            packet.kind = models.DataPacket.Kind.RELIABLE
+            await session.reliable.wait_writable()
+            if self._session is not session:
+                raise NotConnectedError("room: session lost while waiting to send")
+            # From here to send_now nothing awaits: sequence order is send order.
+            packet.sequence = session.next_seq
+            data = encode(packet)
+            session.next_seq += 1
+            session.reliable.send_now(data)
+        else:
+            assert session.lossy is not None
+            packet.kind = models.DataPacket.Kind.LOSSY
+            session.lossy.try_send_lossy(encode(packet))
+
+    def _require_session(self) -> _Session:
+        session = self._session
+        if session is None or self._connection_state != "connected":
+            raise NotConnectedError(f"room: not connected ({self._connection_state})")
+        return session
+
+    # ------------------------------------------------------------ own state
+
+    async def _update_own(
+        self,
+        *,
+        attributes: Mapping[str, str] | None = None,
+        metadata: str | None = None,
+        name: str | None = None,
+    ) -> None:
+        session = self._require_session()
+        request_id = self._next_request_id
+        self._next_request_id += 1
+        req = rtc.UpdateParticipantMetadata(request_id=request_id)
+        if attributes is not None:
+            req.attributes.update(attributes)
+        if metadata is not None:
+            req.metadata = metadata
+        if name is not None:
+            req.name = name
+        future: asyncio.Future[rtc.RequestResponse] = asyncio.get_running_loop().create_future()
+        self._pending_updates[request_id] = future
+        try:
+            await session.signal.send(rtc.SignalRequest(update_metadata=req))
+            async with asyncio.timeout(self.options.state_update_timeout):
+                response = await future
+        except SignalClosedError as exc:
+            raise NotConnectedError(f"room: state update not sent: {exc}") from exc
+        except TimeoutError as exc:
+            raise StateUpdateError(
+                "room: the server did not confirm the state update within "
+                f"{self.options.state_update_timeout:.0f} s",
+                reason="TIMEOUT",
+            ) from exc
+        finally:
+            self._pending_updates.pop(request_id, None)
+        if response.reason != rtc.RequestResponse.Reason.OK:
+            reason = rtc.RequestResponse.Reason.Name(response.reason)
+            raise StateUpdateError(
+                f"room: the server refused the state update: {reason}: {response.message}",
+                reason=reason,
+            )
+
+    # ------------------------------------------------------------ sessions
+
+    async def _open_session(self) -> tuple[_Session, list[object]]:
+        """Join once: signalling, both peer connections, data channels. Returns the state diff."""
+        signal = SignalClient(self.counters)
+        params = JoinParams(
+            client_protocol=self.options.client_protocol,
+            capabilities=self.options.capabilities,
+            auto_subscribe=self.options.auto_subscribe,
+        )
+        join = await signal.connect(
+            self._url, self._token, params, join_timeout=self.options.join_timeout
+        )
+        servers = self.options.ice_servers
+        config = ice_configuration(join.ice_servers if servers is None else servers)
+        session = _Session(join, signal, config)
+        try:
+            session.subscriber = PeerTransport(
+                rtc.SignalTarget.SUBSCRIBER,
+                config,
+                self.counters,
+                on_datachannel=self._on_datachannel,
+                on_failed=lambda why: self._session_lost(session, why, True),
+            )
+            session.publisher = PeerTransport(
+                rtc.SignalTarget.PUBLISHER,
+                config,
+                self.counters,
+                on_datachannel=self._on_datachannel,
+                on_failed=lambda why: self._session_lost(session, why, True),
+            )
+            self._prepare_publisher(session)
+            session.reader = asyncio.create_task(self._read_signal(session), name="lk-signal")
+            signal.start_pings(join.ping_interval or 5, join.ping_timeout or 15)
+            await self._negotiate_publisher(session)
+            try:
+                async with asyncio.timeout(self.options.webrtc_timeout):
+                    await session.subscriber.connected.wait()
+                    await session.channels_open.wait()
+            except TimeoutError as exc:
+                raise ServerUnreachableError(
+                    f"room: WebRTC to {self._url} did not connect within "
+                    f"{self.options.webrtc_timeout:.0f} s (subscriber "
+                    f"{session.subscriber.pc.connectionState}, publisher "
+                    f"{session.publisher.pc.connectionState}); check the server's node IP and "
+                    "UDP port reachability"
+                ) from exc
+            if session.lost:
+                raise ServerUnreachableError("room: session lost while joining")
+        except BaseException:
+            await self._close_session(session, send_leave=True)
+            raise
+        self._deduper.clear()
+        events: list[object] = list(self._state.reset(join))
+        log.info(
+            "room: joined %r as %r (sid %s, server %s, %d others)",
+            join.room.name,
+            join.participant.identity,
+            join.participant.sid,
+            join.server_info.version,
+            len(join.other_participants),
+        )
+        return session, events
+
+    def _prepare_publisher(self, session: _Session) -> None:
+        assert session.publisher is not None
+        reliable = session.publisher.create_data_channel("_reliable", lossy=False)
+        lossy = session.publisher.create_data_channel("_lossy", lossy=True)
+        session.reliable = FlowControlledChannel(reliable, self.counters, lossy=False)
+        session.lossy = FlowControlledChannel(lossy, self.counters, lossy=True)
+        for channel in (reliable, lossy):
+            self._attach_receiver(channel)
+
+            @channel.on("open")
+            def _opened() -> None:
+                if session.reliable and session.lossy:  # noqa: SIM102 - readable as is
+                    if session.reliable.is_open and session.lossy.is_open:
+                        session.channels_open.set()
+
+    async def _negotiate_publisher(self, session: _Session) -> None:
+        assert session.publisher is not None
+        sdp = await session.publisher.offer()
+        session.offer_id += 1
+        offer = rtc.SessionDescription(type="offer", sdp=sdp, id=session.offer_id)
+        await session.signal.send(rtc.SignalRequest(offer=offer))
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        # Server-created channels on the subscriber connection: where downstream data arrives.
+        self._attach_receiver(channel)
+
+    def _attach_receiver(self, channel: RTCDataChannel) -> None:
+        label = channel.label
+        if label == "_reliable":
+            kind = DataPacketKind.KIND_RELIABLE
+        elif label == "_lossy":
+            kind = DataPacketKind.KIND_LOSSY
+        else:
+            # `_data_track` carries binary data-track frames, not DataPackets: not implemented.
+            channel.on("message", lambda _m: self.counters.inc("packets.data_track_ignored"))
+            return
+        channel.on("message", lambda message: self._on_message(label, kind, message))
+
+    def _on_message(self, label: str, kind: DataPacketKind, message: bytes | str) -> None:
+        packet = decode(message, label, self.counters)
+        if packet is None:
+            return
+        if kind == DataPacketKind.KIND_RELIABLE and self._deduper.is_duplicate(packet):
+            self.counters.inc("packets.duplicate")
+            return
+        which = packet.WhichOneof("value")
+        if which == "user":
+            self.counters.inc("packets.received")
+            self._post_event(DataReceived(received_user_packet(packet, kind)))
+        elif which in _STREAM_KINDS:
+            self._enqueue(self._stream_inbox, packet, "streams")
+        elif which in _RPC_KINDS:
+            self._enqueue(self._rpc_inbox, packet, "rpc")
+        elif which is None:
+            self.counters.inc("packets.unknown_kind")
+            log.debug("room: ignored a data packet of a kind newer than our protocol stubs")
+        else:
+            self.counters.inc(f"packets.unhandled.{which}")
+            log.debug("room: ignored a %s data packet", which)
+
+    def _enqueue(
+        self, queue: asyncio.Queue[models.DataPacket], packet: models.DataPacket, path: str
+    ) -> None:
+        try:
+            queue.put_nowait(packet)
+        except asyncio.QueueFull:
+            self.counters.inc(f"{path}.inbox_dropped")
+            log.error("room: %s inbox full (%d packets): dropped a packet", path, queue.maxsize)
+
+    def _post_event(self, event: object) -> None:
+        try:
+            self._event_inbox.put_nowait(event)
+        except asyncio.QueueFull:
+            self.counters.inc("events.dropped")
+            log.error(
+                "room: event queue full (%d): dropped %s; consumers are too slow",
+                self._event_inbox.maxsize,
+                type(event).__name__,
+            )
+
+    async def _read_signal(self, session: _Session) -> None:
+        try:
+            while True:
+                msg = await session.signal.recv()
+                await self._handle_signal(session, msg)
+        except SignalClosedError as exc:
+            self._session_lost(session, f"signalling lost: {exc}", True)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("room: signal handling failed")
+            self._session_lost(session, f"signal handling failed: {exc!r}", True)
+
+    async def _handle_signal(self, session: _Session, msg: rtc.SignalResponse) -> None:
+        kind = msg.WhichOneof("message")
+        assert session.subscriber is not None and session.publisher is not None
+        if kind == "offer":
+            sdp = await session.subscriber.answer(msg.offer.sdp)
+            answer = rtc.SessionDescription(type="answer", sdp=sdp, id=msg.offer.id)
+            await session.signal.send(rtc.SignalRequest(answer=answer))
+        elif kind == "answer":
+            await session.publisher.apply_answer(msg.answer.sdp)
+        elif kind == "trickle":
+            target = (
+                session.subscriber
+                if msg.trickle.target == rtc.SignalTarget.SUBSCRIBER
+                else session.publisher
+            )
+            await target.add_trickle(msg.trickle.candidateInit)
+        elif kind == "update":
+            if session is self._session:
+                self._apply_events(self._state.apply_participant_update(msg.update.participants))
+        elif kind == "room_update":
+            if session is self._session:
+                self._apply_events(self._state.apply_room_update(msg.room_update.room))
+        elif kind == "leave":
+            action = msg.leave.action
+            reason = models.DisconnectReason.Name(msg.leave.reason)
+            rejoin = action != rtc.LeaveRequest.Action.DISCONNECT
+            self._session_lost(session, f"server asked us to leave ({reason})", rejoin)
+        elif kind == "refresh_token":
+            self._token = msg.refresh_token
+        elif kind == "request_response":
+            future = self._pending_updates.get(msg.request_response.request_id)
+            if future is not None and not future.done():
+                future.set_result(msg.request_response)
+        else:
+            log.debug("room: ignored signal message %s", kind)
+
+    def _apply_events(self, events: Sequence[object]) -> None:
+        for event in events:
+            if isinstance(event, ParticipantDisconnected):
+                identity = event.info.identity
+                self._deduper.forget(event.info.sid)
+                self._streams.on_participant_left(identity)
+                self._rpc.on_participant_left(identity)
+            self._post_event(event)
+
+    def _session_lost(self, session: _Session, reason: str, rejoin: bool) -> None:
+        if session.lost:
+            return
+        session.lost = True
+        self._lost.put_nowait((session, reason, rejoin))
+
+    async def _close_session(self, session: _Session, *, send_leave: bool) -> None:
+        session.lost = True
+        if send_leave:
+            leave = rtc.LeaveRequest(
+                reason=models.DisconnectReason.CLIENT_INITIATED,
+                action=rtc.LeaveRequest.Action.DISCONNECT,
+            )
+            with contextlib.suppress(SignalClosedError):
+                await session.signal.send(rtc.SignalRequest(leave=leave))
+        if session.reader is not None and session.reader is not asyncio.current_task():
+            session.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await session.reader
+        await session.signal.close()
+        # aiortc's close can take tens of seconds when the server is gone (aioice retransmits
+        # the TURN deallocation). Give it a moment, then let it finish in the background: a
+        # rejoin must not wait for the old session's goodbyes.
+        closers = [
+            asyncio.create_task(transport.close(), name=f"lk-close-{transport.name}")
+            for transport in (session.publisher, session.subscriber)
+            if transport is not None
+        ]
+        self._closers.update(closers)
+        for task in closers:
+            task.add_done_callback(self._closers.discard)
+        if closers:
+            await asyncio.wait(closers, timeout=CLOSE_GRACE)
+
+    async def _supervise(self) -> None:
+        while True:
+            session, reason, rejoin = await self._lost.get()
+            if session is not self._session or self._closing:
+                continue
+            log.warning("room: session lost: %s", reason)
+            self._connection_state = "reconnecting"
+            self._session = None
+            await self._close_session(session, send_leave=False)
+            self._rpc.fail_all(RpcError(RpcError.SEND_FAILED, f"connection lost: {reason}"))
+            self._streams.abort_all(f"connection lost: {reason}")
+            if not (rejoin and self.options.reconnect):
+                self._spawn("lk-close", self._shutdown(reason, None))
+                return
+            self._post_event(Reconnecting(reason))
+            try:
+                new, events, attempts = await self._rejoin()
+            except ConnectError as exc:
+                log.error("room: giving up on %r: %s", self._state.room.name, exc)
+                self._spawn("lk-close", self._shutdown(f"reconnect failed: {exc}", exc))
+                return
+            self._session = new
+            self._connection_state = "connected"
+            for event in events:
+                if isinstance(event, ParticipantDisconnected):
+                    self._streams.on_participant_left(event.info.identity)
+                    self._rpc.on_participant_left(event.info.identity)
+                self._post_event(event)
+            self._post_event(Reconnected(attempts))
+            log.info("room: rejoined %r after %d attempt(s)", self._state.room.name, attempts)
+
+    async def _rejoin(self) -> tuple[_Session, list[object], int]:
+        opts = self.options
+        stop: tenacity.stop.stop_base = tenacity.stop_never
+        if opts.reconnect_max_attempts is not None:
+            stop = tenacity.stop_after_attempt(opts.reconnect_max_attempts)
+        retrying = tenacity.AsyncRetrying(
+            # Full jitter: rejoining bridges do not hit a restarted server in lockstep.
+            wait=tenacity.wait_random_exponential(
+                multiplier=opts.reconnect_initial_delay, max=opts.reconnect_max_delay
+            ),
+            stop=stop,
+            retry=tenacity.retry_if_exception(
+                lambda e: isinstance(e, ConnectError) and e.retriable
+            ),
+            before_sleep=lambda rs: log.warning(
+                "room: rejoin attempt %d failed: %s",
+                rs.attempt_number,
+                rs.outcome and rs.outcome.exception(),
+            ),
+            reraise=True,
+        )
+        attempts = 0
+        async for attempt in retrying:
+            with attempt:
+                attempts += 1
+                session, events = await self._open_session()
+                return session, events, attempts
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ------------------------------------------------------------ dispatchers
+
+    def _spawn(self, name: str, coro: Awaitable[None]) -> None:
+        async def run() -> None:
+            await coro
+
+        task = asyncio.create_task(run(), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("room: task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def _drain_events(self) -> None:
+        while True:
+            event = await self._event_inbox.get()
+            try:
+                await self._hub.publish(event)
+            finally:
+                self._event_inbox.task_done()
+
+    async def _drain_streams(self) -> None:
+        while True:
+            packet = await self._stream_inbox.get()
+            try:
+                await self._streams.on_packet(packet)
+            except Exception:
+                self.counters.inc("streams.handler_error")
+                log.exception("room: stream packet handling failed")
+
+    async def _drain_rpc(self) -> None:
+        while True:
+            packet = await self._rpc_inbox.get()
+            try:
+                await self._rpc.on_packet(packet)
+            except Exception:
+                self.counters.inc("rpc.handler_error")
+                log.exception("room: rpc packet handling failed")
+
+    def __repr__(self) -> str:
+        return f"Room(name={self.name!r}, state={self._connection_state!r})"
+
+
+def new_request_id() -> str:
+    """A fresh id for requests that need a unique string."""
+    return str(uuid.uuid4())

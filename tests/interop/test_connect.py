@@ -1,0 +1,141 @@
+"""Joining and leaving a real livekit-server, seen by an official-SDK participant."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+
+import pytest
+from livekit import api, rtc
+
+from bridge.room.errors import AuthError, InvalidUrlError, ServerUnreachableError
+from bridge.room.events import Disconnected
+from bridge.room.room import Room, RoomOptions
+from tests.conftest import make_token
+from tests.interop.conftest import eventually, our_peer, sdk_peer
+from tests.services import LiveKitServer
+
+
+async def test_join_is_seen_by_sdk_peer_and_leave_is_immediate(
+    livekit_server: LiveKitServer, room_name: str
+) -> None:
+    async with sdk_peer(livekit_server, room_name, "sdk-alice") as alice:
+        ours = Room()
+        token = make_token(
+            livekit_server, room_name, "roombus", name="Bridge", attributes={"role": "bridge"}
+        )
+        await ours.connect(livekit_server.url, token)
+        try:
+            await eventually(lambda: "roombus" in alice.remote_participants, what="SDK sees us")
+            seen = alice.remote_participants["roombus"]
+            assert seen.name == "Bridge"
+            assert dict(seen.attributes) == {"role": "bridge"}
+            assert ours.local_participant.identity == "roombus"
+            assert ours.local_participant.sid.startswith("PA_")
+            assert ours.name == room_name
+            assert set(ours.remote_participants) == {"sdk-alice"}
+            assert ours.isconnected
+        finally:
+            left_at = time.monotonic()
+            await ours.disconnect()
+        # We send `leave`, so the server drops us at once instead of after ICE timeouts (~20 s).
+        await eventually(
+            lambda: "roombus" not in alice.remote_participants, timeout=5, what="SDK sees us leave"
+        )
+        assert time.monotonic() - left_at < 5
+        assert not ours.isconnected
+
+
+async def test_sdk_peer_joining_later_is_reported(
+    livekit_server: LiveKitServer, room_name: str
+) -> None:
+    async with our_peer(livekit_server, room_name, "roombus") as ours:
+        async with sdk_peer(livekit_server, room_name, "late", attributes={"k": "v"}):
+            await eventually(lambda: "late" in ours.remote_participants, what="late joiner")
+            assert ours.remote_participants["late"].attributes == {"k": "v"}
+        await eventually(lambda: "late" not in ours.remote_participants, what="late joiner left")
+
+
+async def test_invalid_url_is_rejected_at_once() -> None:
+    with pytest.raises(InvalidUrlError, match="invalid LiveKit URL 'ftp://x'"):
+        await Room().connect("ftp://x", "token")
+
+
+async def test_bad_signature_is_an_auth_error(
+    livekit_server: LiveKitServer, room_name: str
+) -> None:
+    token = (
+        api.AccessToken(livekit_server.api_key, "another-secret-that-is-32-chars-long!")
+        .with_identity("x")
+        .with_grants(api.VideoGrants(room_join=True, room=room_name))
+        .to_jwt()
+    )
+    started = time.monotonic()
+    with pytest.raises(AuthError, match=r"rejected: HTTP 401"):
+        await Room().connect(livekit_server.url, token)
+    assert time.monotonic() - started < 10
+
+
+async def test_expired_token_is_an_auth_error(
+    livekit_server: LiveKitServer, room_name: str
+) -> None:
+    # The verifier allows one minute of leeway, so expire it well beyond that.
+    token = make_token(livekit_server, room_name, "late", ttl=timedelta(minutes=-5))
+    with pytest.raises(AuthError):
+        await Room().connect(livekit_server.url, token)
+
+
+async def test_missing_room_join_grant_is_an_auth_error(
+    livekit_server: LiveKitServer, room_name: str
+) -> None:
+    grants = api.VideoGrants(room_join=False, room=room_name)
+    token = make_token(livekit_server, room_name, "nojoin", grants=grants)
+    with pytest.raises(AuthError):
+        await Room().connect(livekit_server.url, token)
+
+
+async def test_unreachable_server_fails_within_the_join_timeout(
+    livekit_server: LiveKitServer, room_name: str
+) -> None:
+    token = make_token(livekit_server, room_name, "x")
+    started = time.monotonic()
+    with pytest.raises(ServerUnreachableError, match=r"connect to ws://127\.0\.0\.1:1/rtc failed"):
+        await Room(RoomOptions(join_timeout=3)).connect("ws://127.0.0.1:1", token)
+    assert time.monotonic() - started < 5
+
+
+async def test_server_removing_us_ends_the_room_with_a_reason(
+    livekit_server: LiveKitServer, room_name: str
+) -> None:
+    ours = Room()
+    closed: asyncio.Future[Disconnected] = asyncio.get_running_loop().create_future()
+
+    def on_closed(event: Disconnected) -> None:
+        if not closed.done():
+            closed.set_result(event)
+
+    ours.on(Disconnected, on_closed)
+    await ours.connect(livekit_server.url, make_token(livekit_server, room_name, "victim"))
+    async with api.LiveKitAPI(
+        livekit_server.http_url, livekit_server.api_key, livekit_server.api_secret
+    ) as lkapi:
+        await lkapi.room.remove_participant(
+            api.RoomParticipantIdentity(room=room_name, identity="victim")
+        )
+    event = await asyncio.wait_for(closed, 10)
+    assert "PARTICIPANT_REMOVED" in event.reason
+    await ours.wait_closed()
+    assert not ours.isconnected
+
+
+async def test_peer_sdk_sees_our_data_after_join(
+    livekit_server: LiveKitServer, room_name: str
+) -> None:
+    got: asyncio.Queue[rtc.DataPacket] = asyncio.Queue()
+    async with sdk_peer(livekit_server, room_name, "sdk") as sdk:
+        sdk.on("data_received", got.put_nowait)
+        async with our_peer(livekit_server, room_name, "ours") as ours:
+            await ours.local_participant.publish_data(b"first", topic="t")
+            packet = await asyncio.wait_for(got.get(), 10)
+            assert (packet.data, packet.topic) == (b"first", "t")
