@@ -1,0 +1,87 @@
+"""The message types that cross the bridge.
+
+An `Envelope` is what a source produced (bytes plus where it came from); an `Outbound` is what a
+sink is asked to publish (topic, payload, key, headers, delivery options) once the router has
+rendered the route's templates. Provenance travels as headers with the names below: Kafka record
+headers, MQTT 5 user properties, and LiveKit stream attributes.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+# Provenance header names (Kafka headers, MQTT 5 user properties, stream attributes).
+H_ROOM = "lk-room"
+H_ROOM_SID = "lk-room-sid"
+H_PARTICIPANT = "lk-participant"
+H_PARTICIPANT_SID = "lk-participant-sid"
+H_TOPIC = "lk-topic"
+H_KIND = "lk-kind"  # packet-reliable, packet-lossy, text-stream, byte-stream, attributes, ...
+H_STREAM_ID = "lk-stream-id"
+H_CONTENT_TYPE = "content-type"
+H_TIMESTAMP = "lk-timestamp"  # milliseconds since the epoch, when the bridge received it
+H_SOURCE = "roombus-source"  # the bridge endpoint a message came from (loop guard)
+
+
+def new_id() -> str:
+    """A short random id for log correlation."""
+    return uuid.uuid4().hex[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One message as a source produced it."""
+
+    payload: bytes
+    source: str  # the endpoint name, e.g. "mqtt:plant" or "room:lobby"
+    topic: str  # MQTT topic, Kafka topic, or LiveKit topic
+    key: bytes | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    content_type: str | None = None
+    reliable: bool = True
+    received_at: float = field(default_factory=time.time)
+    id: str = field(default_factory=new_id)
+    # MQTT: the publish's QoS and retain flag, and its message expiry (seconds) if any.
+    qos: int = 0
+    retain: bool = False
+    expiry: float | None = None
+    # Request/reply: where the answer goes and how to correlate it.
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """A message a sink is asked to publish.
+
+    `payload=None` is a delete: a Kafka tombstone, or an empty retained MQTT message.
+    """
+
+    topic: str
+    payload: bytes | None
+    key: bytes | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    content_type: str | None = None
+    qos: int = 1
+    retain: bool = False
+    message_expiry: int | None = None  # seconds (MQTT 5)
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+Ack = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A message from a source, with the acknowledgement to call once every sink accepted it.
+
+    The acknowledgement is the Kafka offset commit or the MQTT PUBACK; a message never
+    acknowledged is redelivered.
+    """
+
+    envelope: Envelope
+    ack: Ack
