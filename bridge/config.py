@@ -1,0 +1,746 @@
+"""The YAML configuration: pydantic models, ``${VAR}`` interpolation, located errors.
+
+`load_config(path)` reads and validates the whole file before any socket opens: YAML syntax,
+types and ranges (pydantic, unknown keys refused), environment variables, references between
+sections (a connector naming an MQTT broker that is not defined), and every template of every
+connector against the placeholders its source provides. Every problem becomes one line of a
+`ConfigError`:
+
+    config.yaml:23: connectors[1].to.topic: unknown placeholder {rom} (known: room, topic)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from bridge.topics import Target, TemplateError, parse_filter, parse_template
+
+Path_ = tuple[str | int, ...]
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """The configuration file is invalid; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------- livekit
+
+
+class LiveKitConfig(_Model):
+    """How the bridge joins LiveKit."""
+
+    url: str = Field(description="LiveKit server URL: ws://, wss://, http:// or https://")
+    api_key: str | None = Field(None, description="API key (with api_secret: tokens are minted)")
+    api_secret: str | None = Field(None, description="API secret, at least 32 characters")
+    token: str | None = Field(None, description="A ready-made join token (one room only)")
+    identity: str = Field("roombus", description="The bridge participant's identity")
+    name: str | None = Field(None, description="The bridge participant's display name")
+    metadata: str | None = Field(None, description="The bridge participant's metadata")
+    attributes: dict[str, str] = Field({}, description="The bridge participant's attributes")
+    rooms: list[str] = Field([], description="Rooms to join by name")
+    room_patterns: list[str] = Field(
+        [], description="Globs: existing rooms that match are joined (found via the server API)"
+    )
+    room_discovery_interval: float = Field(
+        30.0, gt=0, description="Seconds between checks for rooms matching room_patterns"
+    )
+    token_ttl: float = Field(
+        6 * 3600, gt=60, description="Lifetime in seconds of the tokens the bridge mints"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^(wss?|https?)://[^/\s]+", value):
+            raise ValueError("expected ws://host:port, wss://, http:// or https://")
+        return value
+
+    @field_validator("api_secret")
+    @classmethod
+    def _secret(cls, value: str | None) -> str | None:
+        if value is not None and len(value) < 32:
+            raise ValueError("must be at least 32 characters (livekit-server refuses shorter)")
+        return value
+
+    @model_validator(mode="after")
+    def _credentials(self) -> LiveKitConfig:
+        keyed = self.api_key is not None and self.api_secret is not None
+        if (self.api_key is None) != (self.api_secret is None):
+            raise ValueError("api_key and api_secret go together")
+        if not keyed and self.token is None:
+            raise ValueError("give api_key and api_secret, or a token")
+        if self.room_patterns and not keyed:
+            raise ValueError("room_patterns need api_key and api_secret (to list rooms)")
+        if self.token is not None and len(self.rooms) + len(self.room_patterns) > 1:
+            raise ValueError("a token is valid for one room: use api_key/api_secret for several")
+        if not self.rooms and not self.room_patterns:
+            raise ValueError("name at least one room in rooms or room_patterns")
+        return self
+
+
+# ----------------------------------------------------------------------------- buses
+
+
+class TlsConfig(_Model):
+    """TLS for a broker connection."""
+
+    ca_file: str | None = Field(None, description="CA bundle to verify the server")
+    cert_file: str | None = Field(None, description="Client certificate (mutual TLS)")
+    key_file: str | None = Field(None, description="Client private key (mutual TLS)")
+    insecure: bool = Field(False, description="Skip server certificate verification (tests only)")
+
+    @model_validator(mode="after")
+    def _files(self) -> TlsConfig:
+        for attr in ("ca_file", "cert_file", "key_file"):
+            value = getattr(self, attr)
+            if value is not None and not Path(value).is_file():
+                raise ValueError(f"{attr} {value!r} is not a readable file")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class MqttBrokerConfig(_Model):
+    """One MQTT broker connection."""
+
+    host: str = Field(description="Broker host name or address")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port")
+    protocol: Literal["5", "3.1.1"] = Field("5", description='MQTT version: "5" or "3.1.1"')
+    client_id: str | None = Field(
+        None, description="Client id (stable, for the persistent session); default roombus-NAME"
+    )
+    username: str | None = Field(None, description="User name")
+    password: str | None = Field(None, description="Password")
+    tls: TlsConfig | None = Field(None, description="TLS settings; absent means plain TCP")
+    keepalive: int = Field(30, ge=5, le=65535, description="Keep-alive in seconds")
+    clean_start: bool = Field(
+        False, description="Start a fresh session (loses messages queued while away)"
+    )
+    session_expiry: int = Field(
+        3600, ge=0, description="MQTT 5 session expiry in seconds (queued messages kept that long)"
+    )
+    max_inflight: int = Field(100, ge=1, le=65535, description="Unacknowledged publishes at most")
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol(cls, value: Any) -> Any:
+        return {5: "5", 3.1: "3.1.1", "3.1.1": "3.1.1", "5": "5"}.get(value, value)
+
+
+class SaslConfig(_Model):
+    """SASL authentication for Kafka."""
+
+    mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        description="SASL mechanism"
+    )
+    username: str = Field(description="SASL user name")
+    password: str = Field(description="SASL password")
+
+
+class KafkaClusterConfig(_Model):
+    """One Kafka cluster."""
+
+    bootstrap_servers: list[str] = Field(min_length=1, description="host:port of brokers")
+    client_id: str = Field("roombus", description="Kafka client id")
+    group_id: str = Field("roombus", description="Default consumer group of bus-to-room routes")
+    sasl: SaslConfig | None = Field(None, description="SASL authentication")
+    tls: TlsConfig | None = Field(None, description="TLS settings; absent means plaintext")
+    acks: Literal["all", 1, 0] = Field("all", description='Producer acks: "all", 1 or 0')
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "none", description="Producer compression"
+    )
+    max_request_size: int = Field(
+        1_048_576, ge=1024, description="Largest record the producer sends, in bytes"
+    )
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers(cls, value: list[str]) -> list[str]:
+        for server in value:
+            if not re.fullmatch(r"[^:\s]+:\d{1,5}", server):
+                raise ValueError(f"{server!r} is not host:port")
+        return value
+
+    @field_validator("acks", mode="before")
+    @classmethod
+    def _acks(cls, value: Any) -> Any:
+        return {"1": 1, "0": 0, "-1": "all", -1: "all"}.get(value, value)
+
+
+# ----------------------------------------------------------------------------- connectors
+
+Format = Literal["raw", "json", "base64"]
+
+
+class PacketFrom(_Model):
+    """Data packets received in the room."""
+
+    topic: str = Field(
+        "*",
+        description="Glob on the LiveKit topic, or a pattern with captures: command/{device}",
+    )
+    reliability: Literal["reliable", "lossy", "any"] = Field("any", description="Channel")
+
+
+class TextStreamFrom(_Model):
+    """Text streams received in the room."""
+
+    topic: str = Field("*", description="Glob on the stream topic")
+    mode: Literal["whole", "incremental"] = Field(
+        "whole", description="One message per stream, or one per chunk as it arrives"
+    )
+
+
+class ByteStreamFrom(_Model):
+    """Byte streams (files) received in the room."""
+
+    topic: str = Field("*", description="Glob on the stream topic")
+    oversize: Literal["chunk", "reject"] = Field(
+        "chunk", description="Above max_message_bytes: ordered chunk messages, or reject"
+    )
+    max_message_bytes: int = Field(
+        1_000_000, ge=1024, description="Largest single bus message for a stream"
+    )
+
+
+class AttributesFrom(_Model):
+    """Participant attribute changes (one message per changed key)."""
+
+    keys: str = Field("*", description="Glob on attribute keys")
+
+
+class NothingMore(_Model):
+    """No options."""
+
+
+class RoomFrom(_Model):
+    """Traffic of LiveKit rooms: exactly one of the kinds below."""
+
+    room: str = Field("*", description="Glob on room names")
+    participant: str = Field("*", description="Glob on the sender's identity")
+    packet: PacketFrom | None = None
+    text_stream: TextStreamFrom | None = None
+    byte_stream: ByteStreamFrom | None = None
+    attributes: AttributesFrom | None = None
+    metadata: NothingMore | None = Field(None, description="Participant metadata changes")
+    room_metadata: NothingMore | None = Field(None, description="Room metadata changes")
+    presence: NothingMore | None = Field(None, description="Participants joining and leaving")
+
+    @property
+    def kind(self) -> str:
+        """Which kind of room traffic this is."""
+        return next(k for k in ROOM_KINDS if getattr(self, k) is not None)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RoomFrom:
+        given = [k for k in ROOM_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(ROOM_KINDS)} (got {len(given)})")
+        return self
+
+
+ROOM_KINDS = (
+    "packet",
+    "text_stream",
+    "byte_stream",
+    "attributes",
+    "metadata",
+    "room_metadata",
+    "presence",
+)
+
+
+class MqttFrom(_Model):
+    """Messages of an MQTT subscription."""
+
+    mqtt: str = Field(description="Name of a broker under `mqtt:`")
+    topic: str = Field(description="Filter, with named captures: devices/{site}/{device}/data")
+    qos: Literal[0, 1, 2] = Field(1, description="Subscription QoS (1 or 2 for at-least-once)")
+    format: Format = Field("raw", description="Payload encoding on the bus")
+
+
+class KafkaFrom(_Model):
+    """Records of Kafka topics, read in a consumer group."""
+
+    kafka: str = Field(description="Name of a cluster under `kafka:`")
+    topics: list[str] = Field(min_length=1, description="Topics to consume")
+    group_id: str | None = Field(None, description="Consumer group (default: the cluster's)")
+    format: Format = Field("raw", description="Payload encoding on the bus")
+    max_in_flight: int = Field(1000, ge=1, description="Unacknowledged records at most")
+
+
+class MqttTo(_Model):
+    """Publish to MQTT."""
+
+    mqtt: str = Field(description="Name of a broker under `mqtt:`")
+    topic: str = Field(description="Topic template, e.g. rooms/{room}/{participant}/{topic}")
+    qos: Literal[0, 1, 2] = Field(1, description="Publish QoS")
+    retain: bool = Field(False, description="Retain (state topics; cleared on leave)")
+    format: Format = Field("raw", description="Payload encoding on the bus")
+
+
+class KafkaTo(_Model):
+    """Produce to Kafka."""
+
+    kafka: str = Field(description="Name of a cluster under `kafka:`")
+    topic: str = Field(description="Topic template, e.g. livekit.{room}")
+    key: str | None = Field(None, description="Key template, e.g. {room}/{participant}")
+    headers: dict[str, str] = Field({}, description="Extra header templates")
+    format: Format = Field("raw", description="Payload encoding on the bus")
+
+
+class PacketTo(_Model):
+    """Send as a data packet."""
+
+    topic: str | None = Field(None, description="LiveKit topic template")
+    reliable: bool = Field(True, description="Reliable or lossy channel")
+    destinations: list[str] = Field([], description="Identity templates; empty: whole room")
+    oversize: Literal["byte_stream", "reject"] = Field(
+        "byte_stream", description="Above the packet limit: send as a byte stream, or reject"
+    )
+
+
+class TextStreamTo(_Model):
+    """Send as a text stream."""
+
+    topic: str = Field(description="LiveKit topic template")
+    destinations: list[str] = Field([], description="Identity templates; empty: whole room")
+    attributes: dict[str, str] = Field({}, description="Stream attribute templates")
+
+
+class ByteStreamTo(_Model):
+    """Send as a byte stream."""
+
+    topic: str = Field(description="LiveKit topic template")
+    name: str = Field("message", description="File name template")
+    mime_type: str = Field("application/octet-stream", description="MIME type")
+    destinations: list[str] = Field([], description="Identity templates; empty: whole room")
+
+
+class AttributeTo(_Model):
+    """Set an attribute of the bridge participant (payload = value; empty deletes)."""
+
+    key: str = Field(description="Attribute key template")
+
+
+class ParticipantAttributeTo(_Model):
+    """Set another participant's attribute through the server API."""
+
+    identity: str = Field(description="Identity template")
+    key: str = Field(description="Attribute key template")
+
+
+class RoomTo(_Model):
+    """Deliver into a LiveKit room: exactly one of the kinds below."""
+
+    room: str = Field(description="Room name template (the room must be one the bridge joins)")
+    packet: PacketTo | None = None
+    text_stream: TextStreamTo | None = None
+    byte_stream: ByteStreamTo | None = None
+    attribute: AttributeTo | None = None
+    room_metadata: NothingMore | None = Field(None, description="Payload becomes room metadata")
+    participant_attribute: ParticipantAttributeTo | None = None
+
+    @property
+    def kind(self) -> str:
+        """Which kind of delivery this is."""
+        return next(k for k in ROOM_TO_KINDS if getattr(self, k) is not None)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RoomTo:
+        given = [k for k in ROOM_TO_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(ROOM_TO_KINDS)} (got {len(given)})")
+        return self
+
+
+ROOM_TO_KINDS = (
+    "packet",
+    "text_stream",
+    "byte_stream",
+    "attribute",
+    "room_metadata",
+    "participant_attribute",
+)
+
+
+def _endpoint_tag(value: Any) -> str | None:
+    if isinstance(value, dict):
+        for key in ("mqtt", "kafka", "room"):
+            if key in value:
+                return key
+    if isinstance(value, BaseModel):
+        return {MqttFrom: "mqtt", KafkaFrom: "kafka", RoomFrom: "room"}.get(
+            type(value), {MqttTo: "mqtt", KafkaTo: "kafka", RoomTo: "room"}.get(type(value))
+        )
+    return None
+
+
+_ENDPOINT_HELP = "an endpoint with one of the keys mqtt, kafka or room"
+From = Annotated[
+    Annotated[MqttFrom, Tag("mqtt")]
+    | Annotated[KafkaFrom, Tag("kafka")]
+    | Annotated[RoomFrom, Tag("room")],
+    Discriminator(_endpoint_tag, custom_error_type="endpoint", custom_error_message=_ENDPOINT_HELP),
+]
+To = Annotated[
+    Annotated[MqttTo, Tag("mqtt")]
+    | Annotated[KafkaTo, Tag("kafka")]
+    | Annotated[RoomTo, Tag("room")],
+    Discriminator(_endpoint_tag, custom_error_type="endpoint", custom_error_message=_ENDPOINT_HELP),
+]
+BusTo = Annotated[
+    Annotated[MqttTo, Tag("mqtt")] | Annotated[KafkaTo, Tag("kafka")],
+    Discriminator(
+        _endpoint_tag,
+        custom_error_type="endpoint",
+        custom_error_message="a bus endpoint with one of the keys mqtt or kafka",
+    ),
+]
+
+
+class ConnectorConfig(_Model):
+    """One route: from a room to a bus, or from a bus to a room."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: str = Field(description="Unique name, used in logs and metrics")
+    from_: From = Field(alias="from", description="Where messages come from")
+    to: To = Field(description="Where they go")
+    dead_letter: BusTo | None = Field(
+        None,
+        description="Where messages that cannot be delivered go (with the reason in a header);"
+        " without it they are not acknowledged",
+    )
+
+    @model_validator(mode="after")
+    def _directions(self) -> ConnectorConfig:
+        from_room = isinstance(self.from_, RoomFrom)
+        to_room = isinstance(self.to, RoomTo)
+        if from_room == to_room:
+            raise ValueError(
+                "a connector goes from a room to a bus (mqtt/kafka) or from a bus to a room"
+            )
+        return self
+
+
+class BridgeSettings(_Model):
+    """Runtime settings."""
+
+    shutdown_timeout: float = Field(
+        10.0, gt=0, description="Seconds to drain in-flight messages on SIGTERM"
+    )
+    queue_size: int = Field(
+        1000, ge=1, description="Messages buffered per room-to-bus connector before backpressure"
+    )
+    overflow: Literal["block", "drop_oldest", "drop_newest"] = Field(
+        "drop_newest",
+        description="Room-to-bus queue full: wait (room events stall), or drop (counted)",
+    )
+    health_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve /ping and /ready on this port (127.0.0.1)"
+    )
+
+
+class Config(_Model):
+    """The whole configuration file."""
+
+    livekit: LiveKitConfig
+    mqtt: dict[str, MqttBrokerConfig] = Field({}, description="MQTT brokers by name")
+    kafka: dict[str, KafkaClusterConfig] = Field({}, description="Kafka clusters by name")
+    connectors: list[ConnectorConfig] = Field(min_length=1, description="The routes")
+    bridge: BridgeSettings = Field(BridgeSettings(), description="Runtime settings")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class _Located:
+    """A YAML document as plain data, plus the line of every key path."""
+
+    def __init__(self, source: str, text: str) -> None:
+        self.source = source
+        self.lines: dict[Path_, int] = {}
+        self.problems: list[str] = []
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{source}:{mark.line + 1}" if mark else source
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise ConfigError([f"{where}: invalid YAML: {problem}"]) from exc
+        finally:
+            loader.dispose()
+        self.data = self._convert(node, (), loader) if node is not None else None
+
+    def _convert(self, node: yaml.Node, path: Path_, loader: yaml.SafeLoader) -> Any:
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    self.problems.append(f"{self.at(path)}: keys must be plain strings")
+                    continue
+                key = str(key_node.value)
+                if key == "<<":
+                    self.problems.append(f"{self.at(path)}: YAML merge keys are not supported")
+                    continue
+                if key in out:
+                    self.lines[(*path, key)] = key_node.start_mark.line + 1
+                    self.problems.append(f"{self.at((*path, key))}: duplicate key {key!r}")
+                    continue
+                self.lines[(*path, key)] = key_node.start_mark.line + 1
+                out[key] = self._convert(value_node, (*path, key), loader)
+                self.lines[(*path, key)] = key_node.start_mark.line + 1
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self._convert(item, (*path, i), loader) for i, item in enumerate(node.value)]
+        value = loader.construct_object(node, deep=True)
+        if isinstance(value, str):
+            return self._interpolate(value, path)
+        return value
+
+    def _interpolate(self, value: str, path: Path_) -> str:
+        def replace(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            found = os.environ.get(name)
+            if found is None or (found == "" and default is not None):
+                if default is None:
+                    self.problems.append(
+                        f"{self.at(path)}: environment variable {name} is not set "
+                        f"(use ${{{name}:-default}} for a default)"
+                    )
+                    return ""
+                return default
+            return found
+
+        return _ENV.sub(replace, value)
+
+    def line(self, path: Path_) -> int | None:
+        """The line of `path`, or of its nearest ancestor present in the file."""
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return self.lines.get(())
+
+    def at(self, path: Path_) -> str:
+        """``file:line: key.path`` for messages."""
+        line = self.line(path)
+        where = f"{self.source}:{line}" if line else self.source
+        return f"{where}: {format_path(path)}" if path else where
+
+
+def format_path(path: Path_) -> str:
+    """``connectors[1].to.topic`` from ``("connectors", 1, "to", "topic")``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+_TAGS = {"mqtt", "kafka", "room"}
+
+
+def _pydantic_problems(exc: ValidationError, doc: _Located) -> list[str]:
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error["loc"])
+        path = _strip_tags(loc)
+        message = error["msg"]
+        if error["type"] == "missing":
+            message = "required key is missing"
+        elif error["type"] == "extra_forbidden":
+            message = "unknown key (check its spelling and its section)"
+        elif message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        expected = _expected(error)
+        problems.append(f"{doc.at(path)}: {message}{expected}")
+    return problems
+
+
+def _strip_tags(loc: tuple[Any, ...]) -> Path_:
+    path: list[str | int] = []
+    for i, part in enumerate(loc):
+        if part == "from_":
+            part = "from"
+        # Tags of the endpoint unions sit right after from/to/dead_letter in pydantic's locations.
+        if (
+            isinstance(part, str)
+            and part in _TAGS
+            and i > 0
+            and loc[i - 1] in ("from", "from_", "to", "dead_letter")
+        ):
+            continue
+        path.append(part)
+    return tuple(path)
+
+
+def _expected(error: Any) -> str:
+    if error["type"] in ("missing", "extra_forbidden", "value_error", "endpoint"):
+        return ""
+    input_value = error.get("input")
+    if isinstance(input_value, (str, int, float, bool)) or input_value is None:
+        shown = repr(input_value)
+        return f" (got {shown[:60]})"
+    return f" (got a {type(input_value).__name__})"
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a configuration file completely; raise `ConfigError` listing problems."""
+    source = os.fspath(path)
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{source}: not UTF-8 text: {exc.reason}"]) from exc
+    return parse_config(text, source)
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """Validate configuration text (see `load_config`)."""
+    doc = _Located(source, text)
+    if doc.problems:
+        raise ConfigError(doc.problems)
+    if not isinstance(doc.data, dict):
+        raise ConfigError([f"{source}:1: the file must be a mapping with livekit and connectors"])
+    try:
+        config = Config.model_validate(doc.data)
+    except ValidationError as exc:
+        raise ConfigError(_pydantic_problems(exc, doc)) from exc
+    problems = [f"{doc.at(p)}: {m}" for p, m in check_references(config)]
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+# ----------------------------------------------------------------------------- cross checks
+
+ROOM_SOURCE_PLACEHOLDERS = ("room", "room_sid", "participant", "participant_sid", "kind")
+ROOM_KIND_PLACEHOLDERS = {
+    "packet": ("topic",),
+    "text_stream": ("topic", "stream_id"),
+    "byte_stream": ("topic", "stream_id", "name", "mime_type"),
+    "attributes": ("key",),
+    "metadata": (),
+    "room_metadata": (),
+    "presence": ("event",),
+}
+
+
+def placeholders(source: MqttFrom | KafkaFrom | RoomFrom) -> tuple[str, ...]:
+    """The placeholders a route's templates may use, given where its messages come from."""
+    if isinstance(source, RoomFrom):
+        topic = getattr(getattr(source, source.kind), "topic", None)
+        captures = parse_filter(topic).captures if isinstance(topic, str) and "{" in topic else ()
+        return ROOM_SOURCE_PLACEHOLDERS + ROOM_KIND_PLACEHOLDERS[source.kind] + captures
+    if isinstance(source, MqttFrom):
+        return ("topic", "broker", *parse_filter(source.topic).captures)
+    return ("topic", "key", "partition")
+
+
+def check_references(config: Config) -> Iterator[tuple[Path_, str]]:
+    """Problems no single model can see: names of buses, templates vs placeholders, duplicates."""
+    names: set[str] = set()
+    for i, connector in enumerate(config.connectors):
+        base: Path_ = ("connectors", i)
+        if connector.name in names:
+            yield (*base, "name"), f"duplicate connector name {connector.name!r}"
+        names.add(connector.name)
+        source = connector.from_
+        for side, endpoint in (
+            ("from", source),
+            ("to", connector.to),
+            ("dead_letter", connector.dead_letter),
+        ):
+            if isinstance(endpoint, (MqttFrom, MqttTo)) and endpoint.mqtt not in config.mqtt:
+                defined = ", ".join(sorted(config.mqtt)) or "none defined"
+                yield (*base, side, "mqtt"), f"unknown MQTT broker {endpoint.mqtt!r} ({defined})"
+            if isinstance(endpoint, (KafkaFrom, KafkaTo)) and endpoint.kafka not in config.kafka:
+                defined = ", ".join(sorted(config.kafka)) or "none defined"
+                yield (
+                    (*base, side, "kafka"),
+                    f"unknown Kafka cluster {endpoint.kafka!r} ({defined})",
+                )
+        pattern = (
+            source.topic
+            if isinstance(source, MqttFrom)
+            else getattr(getattr(source, source.kind), "topic", None)
+            if isinstance(source, RoomFrom)
+            else None
+        )
+        if isinstance(pattern, str) and (isinstance(source, MqttFrom) or "{" in pattern):
+            try:
+                parse_filter(pattern)
+            except TemplateError as exc:
+                kind = source.kind if isinstance(source, RoomFrom) else None
+                where = ("from", kind, "topic") if kind else ("from", "topic")
+                yield (*base, *where), str(exc)
+                continue
+        known = placeholders(source)
+        for path, text, target in _templates(connector):
+            try:
+                parse_template(text, known, target)
+            except TemplateError as exc:
+                yield (*base, *path), str(exc)
+
+
+def _templates(connector: ConnectorConfig) -> Iterator[tuple[Path_, str, Target]]:
+    for side, to in (("to", connector.to), ("dead_letter", connector.dead_letter)):
+        if isinstance(to, MqttTo):
+            yield (side, "topic"), to.topic, Target.MQTT_TOPIC
+        elif isinstance(to, KafkaTo):
+            yield (side, "topic"), to.topic, Target.KAFKA_TOPIC
+            if to.key is not None:
+                yield (side, "key"), to.key, Target.TEXT
+            for name, value in to.headers.items():
+                yield (side, "headers", name), value, Target.TEXT
+        elif isinstance(to, RoomTo):
+            yield (side, "room"), to.room, Target.ROOM
+            kind = to.kind
+            spec = getattr(to, kind)
+            for attr in ("topic", "name", "key", "identity"):
+                text = getattr(spec, attr, None)
+                if isinstance(text, str):
+                    yield (side, kind, attr), text, Target.TEXT
+            for j, dest in enumerate(getattr(spec, "destinations", [])):
+                yield (side, kind, "destinations", j), dest, Target.TEXT
+            for name, value in getattr(spec, "attributes", {}).items():
+                yield (side, kind, "attributes", name), value, Target.TEXT
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the configuration file (for editors and docs)."""
+    schema = Config.model_json_schema(by_alias=True)
+    schema["title"] = "roombus configuration"
+    return schema

@@ -1,0 +1,244 @@
+"""Topic filters with named captures, globs, and templates — pure functions, no I/O.
+
+* `TopicFilter`: an MQTT subscription filter whose levels may be named captures,
+  ``devices/{site}/{device}/telemetry`` (each ``{name}`` matches one level like ``+``; a final
+  ``{name...}`` or ``#`` matches the rest). It renders the MQTT filter to subscribe to and
+  extracts the captures from a concrete topic.
+* `Template`: a string with ``{placeholder}`` fields, checked once against the placeholders a
+  route provides (an unknown one is a config error), rendered per message for a *target kind*
+  whose rules the inserted values must satisfy: a value that participants control can never
+  turn into an MQTT wildcard, an extra topic level or an invalid Kafka topic — it is rejected
+  (`TemplateValueError`) and the message counted, never published.
+* `glob_match`: shell-style globs for room names, identities and LiveKit topics.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from functools import lru_cache
+
+_FIELD = re.compile(r"\{([^{}]*)\}")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+_KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+MAX_MQTT_TOPIC_BYTES = 65_535
+
+
+class TemplateError(ValueError):
+    """A template or filter is malformed, or names a placeholder the route does not provide."""
+
+
+class TemplateValueError(ValueError):
+    """A value cannot be inserted into a template for its target (counted, message rejected)."""
+
+
+class Target(Enum):
+    """What a rendered template becomes; each has its own rules for inserted values."""
+
+    MQTT_TOPIC = "mqtt topic"
+    KAFKA_TOPIC = "kafka topic"
+    ROOM = "room name"
+    TEXT = "text"  # keys, headers, LiveKit topics, identities, attribute values
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A parsed template: literal text and ``{placeholder}`` fields."""
+
+    source: str
+    parts: tuple[str | tuple[str], ...]  # str literal, or (field name,)
+
+    @property
+    def fields(self) -> frozenset[str]:
+        """The placeholder names the template uses."""
+        return frozenset(p[0] for p in self.parts if isinstance(p, tuple))
+
+    @property
+    def is_constant(self) -> bool:
+        """Whether the template has no placeholder."""
+        return not self.fields
+
+    def render(self, values: Mapping[str, str], target: Target) -> str:
+        """The template with `values` inserted, checked for `target`."""
+        out = []
+        for part in self.parts:
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            name = part[0]
+            value = values.get(name)
+            if value is None:
+                raise TemplateValueError(f"no value for {{{name}}} in {self.source!r}")
+            _check_value(name, value, target)
+            out.append(value)
+        result = "".join(out)
+        _check_result(result, target, self.source)
+        return result
+
+
+def parse_template(text: str, known: Iterable[str], target: Target) -> Template:
+    """Parse `text`; every placeholder must be in `known`. Literal text is checked for `target`."""
+    known_set = set(known)
+    parts: list[str | tuple[str]] = []
+    pos = 0
+    for match in _FIELD.finditer(text):
+        if match.start() > pos:
+            parts.append(text[pos : match.start()])
+        name = match.group(1)
+        if not _NAME.match(name):
+            raise TemplateError(f"invalid placeholder {{{name}}} in {text!r}")
+        if name not in known_set:
+            listed = ", ".join(sorted(known_set)) or "none"
+            raise TemplateError(f"unknown placeholder {{{name}}} (known: {listed})")
+        parts.append((name,))
+        pos = match.end()
+    if pos < len(text):
+        parts.append(text[pos:])
+    literal = "".join(p for p in parts if isinstance(p, str))
+    if "{" in literal or "}" in literal:
+        raise TemplateError(f"unbalanced braces in {text!r}")
+    if not text:
+        raise TemplateError("empty template")
+    template = Template(text, tuple(parts))
+    _check_literal(template, target)
+    return template
+
+
+def _check_literal(template: Template, target: Target) -> None:
+    literal = "".join(p for p in template.parts if isinstance(p, str))
+    if target is Target.MQTT_TOPIC:
+        if "+" in literal or "#" in literal:
+            raise TemplateError(f"MQTT topic template {template.source!r} contains a wildcard")
+        if "\x00" in literal:
+            raise TemplateError(f"MQTT topic template {template.source!r} contains NUL")
+    elif target is Target.KAFKA_TOPIC and not re.fullmatch(r"[A-Za-z0-9._-]*", literal):
+        raise TemplateError(
+            f"Kafka topic template {template.source!r}: topic names allow only "
+            "letters, digits, '.', '_' and '-'"
+        )
+
+
+def _check_value(name: str, value: str, target: Target) -> None:
+    if value == "":
+        raise TemplateValueError(f"{{{name}}} is empty")
+    if "\x00" in value:
+        raise TemplateValueError(f"{{{name}}} contains NUL")
+    if target is Target.MQTT_TOPIC:
+        bad = sorted({c for c in value if c in "/+#"})
+        if bad:
+            raise TemplateValueError(
+                f"{{{name}}}={value[:80]!r} contains {' '.join(bad)}, "
+                "not allowed in an MQTT topic level"
+            )
+        if value.startswith("$"):
+            raise TemplateValueError(f"{{{name}}}={value[:80]!r} starts with $ (reserved topics)")
+    elif target is Target.KAFKA_TOPIC:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", value):
+            raise TemplateValueError(
+                f"{{{name}}}={value[:80]!r} has characters a Kafka topic cannot hold"
+            )
+    elif target is Target.ROOM and any(ord(c) < 32 for c in value):
+        raise TemplateValueError(f"{{{name}}}={value[:80]!r} contains control characters")
+
+
+def _check_result(result: str, target: Target, source: str) -> None:
+    if target is Target.MQTT_TOPIC and len(result.encode()) > MAX_MQTT_TOPIC_BYTES:
+        raise TemplateValueError(f"rendered MQTT topic from {source!r} is too long")
+    if target is Target.KAFKA_TOPIC and (not _KAFKA_TOPIC.match(result) or result in (".", "..")):
+        raise TemplateValueError(f"rendered Kafka topic {result[:80]!r} is invalid")
+    if target is Target.ROOM and len(result) > 256:
+        raise TemplateValueError(f"rendered room name from {source!r} is over 256 characters")
+
+
+@dataclass(frozen=True, slots=True)
+class TopicFilter:
+    """An MQTT topic filter with named captures."""
+
+    source: str
+    levels: tuple[str, ...]  # literal level, "+", "#", or "{name}" / "{name...}"
+
+    @property
+    def captures(self) -> tuple[str, ...]:
+        """Names of the captures, in order."""
+        return tuple(_capture_name(level) for level in self.levels if _capture_name(level))
+
+    @property
+    def mqtt_filter(self) -> str:
+        """The filter to subscribe with (captures become + or #)."""
+        out = []
+        for level in self.levels:
+            name = _capture_name(level)
+            if name:
+                out.append("#" if level.endswith("...}") else "+")
+            else:
+                out.append(level)
+        return "/".join(out)
+
+    def match(self, topic: str) -> dict[str, str] | None:
+        """The captures if `topic` matches, else None."""
+        parts = topic.split("/")
+        values: dict[str, str] = {}
+        for i, level in enumerate(self.levels):
+            if level == "#" or level.endswith("...}"):
+                if level != "#" and i >= len(parts):
+                    return None
+                if level != "#":
+                    values[_capture_name(level)] = "/".join(parts[i:])
+                return values
+            if i >= len(parts):
+                return None
+            name = _capture_name(level)
+            if name:
+                values[name] = parts[i]
+            elif level != "+" and level != parts[i]:
+                return None
+        if len(parts) != len(self.levels):
+            return None
+        # Topics starting with $ never match a filter starting with a wildcard (MQTT 4.7.2).
+        if topic.startswith("$") and self.levels and self.levels[0] in ("+", "#"):
+            return None
+        return values
+
+
+def _capture_name(level: str) -> str:
+    if level.startswith("{") and level.endswith("}"):
+        return level[1:-1].removesuffix("...")
+    return ""
+
+
+def parse_filter(text: str) -> TopicFilter:
+    """Parse an MQTT filter whose levels may be ``{name}`` captures (``{name...}`` last)."""
+    if not text:
+        raise TemplateError("empty topic filter")
+    levels = tuple(text.split("/"))
+    seen: set[str] = set()
+    for i, level in enumerate(levels):
+        last = i == len(levels) - 1
+        name = _capture_name(level)
+        if name:
+            if not _NAME.match(name):
+                raise TemplateError(f"invalid capture {level} in filter {text!r}")
+            if name in seen:
+                raise TemplateError(f"capture {{{name}}} appears twice in filter {text!r}")
+            seen.add(name)
+            if level.endswith("...}") and not last:
+                raise TemplateError(f"{level} must be the last level of {text!r}")
+        elif level == "#":
+            if not last:
+                raise TemplateError(f"'#' must be the last level of filter {text!r}")
+        elif level != "+" and ("+" in level or "#" in level or "{" in level or "}" in level):
+            raise TemplateError(f"level {level!r} of filter {text!r} mixes wildcards and text")
+    return TopicFilter(text, levels)
+
+
+@lru_cache(maxsize=1024)
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(fnmatch.translate(pattern))
+
+
+def glob_match(pattern: str, value: str) -> bool:
+    """Shell-style match (``*``, ``?``, ``[...]``), case-sensitive."""
+    return _glob_regex(pattern).match(value) is not None
