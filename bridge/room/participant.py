@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 from livekit.protocol import models
 
@@ -229,9 +229,17 @@ class LocalParticipant:
             response_timeout=response_timeout,
         )
 
-    def register_rpc_method(self, method: str, handler: RpcHandler) -> None:
-        """Answer calls of `method` with `handler` (one handler per method)."""
-        self._room._rpc.register_rpc_method(method, handler)
+    @overload
+    def register_rpc_method(self, method: str, handler: RpcHandler) -> RpcHandler: ...
+    @overload
+    def register_rpc_method(
+        self, method: str, handler: None = None
+    ) -> Callable[[RpcHandler], RpcHandler]: ...
+    def register_rpc_method(
+        self, method: str, handler: RpcHandler | None = None
+    ) -> RpcHandler | Callable[[RpcHandler], RpcHandler]:
+        """Answer calls of `method` with `handler` (one per method); a decorator without it."""
+        return self._room._rpc.register_rpc_method(method, handler)
 
     def unregister_rpc_method(self, method: str) -> None:
         """Stop answering `method` (callers then get UNSUPPORTED_METHOD)."""

@@ -151,6 +151,8 @@ class Room:
             self.options.rpc_queue_size
         )
         self._pending_updates: dict[int, asyncio.Future[rtc.RequestResponse]] = {}
+        # Ids of open lk.rpc_* streams, routed with RPC packets (insertion-ordered, bounded).
+        self._protocol_streams: dict[str, None] = {}
         self._next_request_id = 1
         self._tasks: set[asyncio.Task[None]] = set()
         self._closers: set[asyncio.Task[None]] = set()
@@ -217,6 +219,14 @@ class Room:
     def unregister_byte_stream_handler(self, topic: str) -> None:
         """Stop handling byte streams of `topic` (they are then dropped)."""
         self._streams.unregister_byte_stream_handler(topic)
+
+    def set_fallback_text_stream_handler(self, handler: TextStreamHandler | None) -> None:
+        """Handle text streams of any topic that has no handler of its own."""
+        self._streams.set_fallback_text_handler(handler)
+
+    def set_fallback_byte_stream_handler(self, handler: ByteStreamHandler | None) -> None:
+        """Handle byte streams of any topic that has no handler of its own."""
+        self._streams.set_fallback_byte_handler(handler)
 
     async def connect(self, url: str, token: str) -> None:
         """Join the room at `url` with `token`; returns once data can flow both ways.
@@ -492,7 +502,12 @@ class Room:
             self.counters.inc("packets.received")
             self._post_event(DataReceived(received_user_packet(packet, kind)))
         elif which in _STREAM_KINDS:
-            self._enqueue(self._stream_inbox, packet, "streams")
+            if self._is_protocol_stream(packet, which):
+                # RPC v2 travels as lk.rpc_* streams: keep it off the path where a slow
+                # application reader can hold everything back.
+                self._enqueue(self._rpc_inbox, packet, "rpc")
+            else:
+                self._enqueue(self._stream_inbox, packet, "streams")
         elif which in _RPC_KINDS:
             self._enqueue(self._rpc_inbox, packet, "rpc")
         elif which is None:
@@ -501,6 +516,22 @@ class Room:
         else:
             self.counters.inc(f"packets.unhandled.{which}")
             log.debug("room: ignored a %s data packet", which)
+
+    def _is_protocol_stream(self, packet: models.DataPacket, which: str) -> bool:
+        if which == "stream_header":
+            if not packet.stream_header.topic.startswith("lk.rpc_"):
+                return False
+            if len(self._protocol_streams) >= 10_000:
+                self._protocol_streams.pop(next(iter(self._protocol_streams)))
+            self._protocol_streams[packet.stream_header.stream_id] = None
+            return True
+        if which == "stream_chunk":
+            return packet.stream_chunk.stream_id in self._protocol_streams
+        stream_id = packet.stream_trailer.stream_id
+        if stream_id in self._protocol_streams:
+            del self._protocol_streams[stream_id]
+            return True
+        return False
 
     def _enqueue(
         self, queue: asyncio.Queue[models.DataPacket], packet: models.DataPacket, path: str
@@ -710,7 +741,10 @@ class Room:
         while True:
             packet = await self._rpc_inbox.get()
             try:
-                await self._rpc.on_packet(packet)
+                if packet.WhichOneof("value") in _STREAM_KINDS:
+                    await self._streams.on_packet(packet)
+                else:
+                    await self._rpc.on_packet(packet)
             except Exception:
                 self.counters.inc("rpc.handler_error")
                 log.exception("room: rpc packet handling failed")

@@ -155,12 +155,15 @@ class RpcInvocationData:
         caller_identity: Who called; a random UUID for server-initiated calls.
         payload: The request payload.
         response_timeout: Seconds the caller said it waits for the answer.
+        method: The method called (lets one handler serve several methods; as in the
+            official Python SDK, whose field has the same name and position).
     """
 
     request_id: str
     caller_identity: str
     payload: str
     response_timeout: float
+    method: str = ""
 
 
 RpcHandler = Callable[[RpcInvocationData], Awaitable[str]]
@@ -663,6 +666,7 @@ class RpcManager:
                     caller_identity=call.caller,
                     payload=payload,
                     response_timeout=call.response_timeout,
+                    method=call.method,
                 )
                 result: object = await call.handler(data)
             if result is None:  # a handler that forgot to return: an empty response, as in JS

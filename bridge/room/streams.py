@@ -14,7 +14,10 @@ Receiving is bounded: a reader buffers at most ``max_buffered_bytes_per_stream``
 together at most ``max_buffered_bytes_total``); when a reader is full, `on_packet` waits, which
 holds back the room's dispatcher (backpressure). A reader that nobody can read any more (its handler
 returned without keeping it) is dropped instead of blocking, and so is a reader nobody consumed for
-``stall_timeout`` seconds.
+``stall_timeout`` seconds. Backpressure stops at the room's bounded stream inbox: aiortc cannot
+slow a remote sender down, so a reader that falls behind by more than its buffer plus that inbox
+loses packets and its stream fails with a chunk gap (tests/interop/test_streams.py shows it).
+While one reader is full every other stream waits too, RPC v2 payloads included.
 
 Decisions where the protocol leaves room:
 
@@ -731,6 +734,9 @@ class StreamManager:
         self._max_open = max_open_incoming_streams
         self._text_handlers: dict[str, TextStreamHandler] = {}
         self._byte_handlers: dict[str, ByteStreamHandler] = {}
+        # Called for streams whose topic has no handler of its own (the bridge routes by glob).
+        self._text_fallback: TextStreamHandler | None = None
+        self._byte_fallback: ByteStreamHandler | None = None
         self._incoming: dict[str, _Incoming[Any]] = {}
         self._ignored: OrderedDict[str, str] = OrderedDict()  # stream id -> sender
         self._outgoing: dict[str, _Outgoing] = {}
@@ -784,6 +790,17 @@ class StreamManager:
     def unregister_byte_stream_handler(self, topic: str) -> None:
         """Remove the byte stream handler of `topic` (no error if there is none)."""
         self._byte_handlers.pop(topic, None)
+
+    def set_fallback_text_handler(self, handler: TextStreamHandler | None) -> None:
+        """Handle text streams of every topic without a handler of its own (None: drop them).
+
+        Reserved ``lk.`` topics (RPC, chat, transcriptions) never reach the fallback.
+        """
+        self._text_fallback = handler
+
+    def set_fallback_byte_handler(self, handler: ByteStreamHandler | None) -> None:
+        """Handle byte streams of every topic without a handler of its own (None: drop them)."""
+        self._byte_fallback = handler
 
     # ----------------------------------------------------------------------------- receiving --
 
@@ -843,6 +860,8 @@ class StreamManager:
             if kind == "text"
             else self._byte_handlers.get(header.topic)
         )
+        if handler is None and not header.topic.startswith("lk."):
+            handler = self._text_fallback if kind == "text" else self._byte_fallback
         if handler is None:
             self._ignore(sid, sender)
             self.counters.inc("streams.no_handler")

@@ -88,6 +88,16 @@ class Service:
     ready_timeout: float = 60.0
     command: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
+    _log_start: int = 0
+
+    def log_since_start(self) -> str:
+        """What the current process has logged so far."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_start)
+                return log.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     @property
     def log_path(self) -> Path:
@@ -125,6 +135,7 @@ class Service:
         if busy:
             raise self.fail(f"port {busy[0]} is already taken by another process")
         log = self.log_path.open("ab")
+        self._log_start = log.tell()  # readiness looks only at what this start logged
         try:
             self.process = subprocess.Popen(
                 self.command,
@@ -280,7 +291,9 @@ class Kafka(Service):
         props.write_text(config)
         if self.format_storage:
             shutil.rmtree(self.workdir / "data", ignore_errors=True)
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = "-"
+            while cluster_id.startswith("-"):  # StorageTool would read "-..." as an option
+                cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             fmt = [*self._java(libs), "kafka.tools.StorageTool", "format", "-t", cluster_id]
             fmt += ["-c", str(props)]
             done = subprocess.run(fmt, capture_output=True, text=True, timeout=120, check=False)
@@ -294,7 +307,9 @@ class Kafka(Service):
 
     def is_ready(self) -> bool:
         # The broker logs this once the KRaft controller and broker are both up and serving.
-        return _port_open("127.0.0.1", self.port) and "Kafka Server started" in self.log_tail(400)
+        return (
+            _port_open("127.0.0.1", self.port) and "Kafka Server started" in self.log_since_start()
+        )
 
 
 @dataclass

@@ -293,7 +293,7 @@ async def test_v1_calls_both_ways_use_packets_only(net: Network) -> None:
     assert req.rpc_request.method == "upper"
     assert req.rpc_request.payload == "héllo"
     assert req.rpc_request.response_timeout_ms == 8_000  # max(2 s, 8 s), as the JS SDK sends
-    assert seen[1] == RpcInvocationData(req.rpc_request.id, "a", "héllo", 8.0)
+    assert seen[1] == RpcInvocationData(req.rpc_request.id, "a", "héllo", 8.0, "upper")
     assert seen[0].response_timeout == 15.0  # the default
     # b acked then answered with a v1 payload, both to a only; no streams anywhere.
     kinds_to_a = [
