@@ -5,6 +5,9 @@ grow memory without bound. `FlowControlledChannel` applies the LiveKit SDKs' wat
 reliable sends wait while `bufferedAmount` is above the high-water mark until it falls to the
 low-water mark; lossy sends are dropped (and counted) while the channel is congested, since
 late lossy data is worthless.
+
+Creating the first channel wrapper installs our SCTP throughput fixes (`bridge.room.sctp`),
+before any association carries data.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 
 from aiortc import RTCDataChannel
 
+from bridge.room import sctp
 from bridge.room.errors import NotConnectedError
 from bridge.room.types import Counters
 
@@ -30,6 +34,7 @@ class FlowControlledChannel:
     """A send-side wrapper of one data channel with watermark flow control."""
 
     def __init__(self, channel: RTCDataChannel, counters: Counters, *, lossy: bool) -> None:
+        sctp.install()  # idempotent; falls back to stock aiortc on an unknown version
         self.channel = channel
         self.lossy = lossy
         self._counters = counters

@@ -1,0 +1,455 @@
+"""Throughput fixes for aiortc's SCTP association, applied by patching `RTCSctpTransport`.
+
+Why: profiling a saturated reliable data channel (bench/room_bench.py) showed aiortc's SCTP
+spending its time on avoidable work, not on the network:
+
+1. **A task per message.** `_data_channel_send` schedules `ensure_future(_data_channel_flush())`
+   for every message; a burst of N sends makes N tasks that each find little or nothing to do.
+   Here one flush is scheduled while none is pending.
+2. **One DATA chunk per packet.** `_transmit` sends every chunk in its own SCTP packet (hence its
+   own DTLS record, `sendto` and, at the peer, its own SACK), so 256-byte messages cost a packet
+   each. Here new chunks are bundled into packets of up to `SCTP_MAX_PACKET_LENGTH` bytes
+   (RFC 9260 §6.10), and the flush hands SCTP as many queued messages as the congestion window
+   can take at once (stock aiortc moves one message at a time) so that there is something to
+   bundle.
+3. **An O(n) scan per transmit.** `_transmit` walks the whole sent queue looking for chunks
+   marked for retransmission on every call (every SACK and every send). With a large window the
+   sent queue holds thousands of chunks, so the cost grows with the amount in flight, which in
+   turn grows while the sender falls behind. Chunks are only ever marked in two places (a SACK
+   with gap blocks, and the T3 timer); the scan now runs only after one of those until it has
+   completed once.
+4. **A SACK per packet.** `_handle_data` answers every packet that carried DATA with a SACK.
+   Here a SACK goes out for every second such packet (RFC 9260 §6.2 "at least every second
+   packet"), at once when the packet showed a gap or duplicate, and otherwise as soon as the
+   receive backlog is drained (a `call_soon` callback), so the delay is never a timer's.
+
+What is unchanged: TSN and stream-sequence assignment, congestion control (cwnd, ssthresh, fast
+recovery, burst limit), retransmission and abandonment (partial reliability), stream resets and
+`bufferedAmount` accounting (a message leaves `bufferedAmount` when it is handed to SCTP, as in
+aiortc). Ordering and reliability rest on those, so they are not touched.
+
+The patch is process-wide (class attributes) and applies only to aiortc versions it was written
+against (`SUPPORTED_VERSIONS`); on any other version `install()` logs a warning and leaves stock
+behaviour. `ROOMBUS_STOCK_SCTP=1` in the environment also keeps stock behaviour (for comparisons
+and as an escape hatch). Remove this module once aiortc does the same upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from struct import pack
+from typing import Any
+
+import aiortc
+from aiortc import rtcsctptransport
+from aiortc.utils import uint16_add as _uint16_add
+
+# Typed as Any on purpose: this module works on aiortc's private internals.
+_sctp: Any = rtcsctptransport
+
+log = logging.getLogger("roombus.room.sctp")
+
+# The aiortc versions whose RTCSctpTransport internals this module was checked against.
+SUPPORTED_VERSIONS = frozenset({"1.16.0"})
+# A SACK is sent at once after this many packets carrying DATA (RFC 9260 §6.2).
+SACK_EVERY_PACKETS = 2
+
+_T: Any = _sctp.RTCSctpTransport
+_State: Any = _T.State
+
+# The stock methods we replace or wrap, kept to restore them in `uninstall()`.
+_PATCHED = (
+    "_data_channel_send",
+    "_data_channel_flush",
+    "_transmit",
+    "_receive_sack_chunk",
+    "_t3_expired",
+    "_handle_data",
+)
+_REQUIRED = (
+    *_PATCHED,
+    "_send_sack",
+    "_receive_chunk",
+    "_transmit_reconfig",
+    "_flight_size_increase",
+    "_t3_start",
+    "_t3_restart",
+    "_outbound_queue",
+    "_sent_queue",
+    "_data_channel_queue",
+)
+_originals: dict[str, Any] = {}
+_installed = False
+
+
+def supported(version: str | None = None) -> bool:
+    """Whether the installed (or the given) aiortc version is one the patch was written for."""
+    return (version or aiortc.__version__) in SUPPORTED_VERSIONS
+
+
+def is_installed() -> bool:
+    """Whether the patch is in effect."""
+    return _installed
+
+
+def install() -> bool:
+    """Apply the patch once (idempotent); returns whether it is in effect.
+
+    Refuses, with a logged warning, on an aiortc version not in `SUPPORTED_VERSIONS` or when the
+    internals it relies on are missing; then aiortc keeps its stock behaviour.
+    """
+    global _installed
+    if _installed:
+        return True
+    if os.environ.get("ROOMBUS_STOCK_SCTP", "") not in ("", "0"):
+        log.info("sctp: ROOMBUS_STOCK_SCTP is set: using aiortc's stock SCTP")
+        return False
+    if not supported():
+        log.warning(
+            "sctp: aiortc %s is not one of the versions our SCTP fixes were written for (%s): "
+            "using aiortc's stock SCTP (data channels work, but slower)",
+            aiortc.__version__,
+            ", ".join(sorted(SUPPORTED_VERSIONS)),
+        )
+        return False
+    missing = [name for name in _REQUIRED if not _has_member(name)]
+    if missing:
+        log.warning("sctp: aiortc lacks %s: using aiortc's stock SCTP", ", ".join(missing))
+        return False
+    for name in _PATCHED:
+        _originals[name] = _T.__dict__[name]
+    _T._data_channel_send = _data_channel_send
+    _T._data_channel_flush = _data_channel_flush
+    _T._transmit = _transmit
+    _T._receive_sack_chunk = _wrap_receive_sack(_originals["_receive_sack_chunk"])
+    _T._t3_expired = _wrap_t3_expired(_originals["_t3_expired"])
+    _T._handle_data = _handle_data
+    _installed = True
+    log.debug("sctp: patched aiortc %s RTCSctpTransport", aiortc.__version__)
+    return True
+
+
+def uninstall() -> None:
+    """Restore aiortc's stock methods (for tests and benchmarks)."""
+    global _installed
+    for name, method in _originals.items():
+        setattr(_T, name, method)
+    _originals.clear()
+    _installed = False
+
+
+def _has_member(name: str) -> bool:
+    if name in _T.__dict__:
+        return True
+    # Instance attributes are set in __init__; look for their assignment in its code.
+    init = _T.__dict__.get("__init__")
+    return init is not None and name in init.__code__.co_names
+
+
+# ------------------------------------------------------------------ per-instance state
+# Class-level defaults: instances shadow them on first write, so __init__ needs no patch.
+_T._rb_flush_task = None  # the one scheduled flush task, while pending
+_T._rb_rtx_pending = True  # chunks may be marked for retransmission: scan the sent queue
+_T._rb_unacked_packets = 0  # packets with DATA received since our last SACK
+_T._rb_sack_handle = None  # the pending call_soon that sends a delayed SACK
+_T._rb_sack_task = None  # the task sending a delayed SACK, while it runs
+
+
+# ------------------------------------------------------------------ send path
+
+
+def _data_channel_send(self: Any, channel: Any, data: bytes | str) -> None:
+    """Queue one message (as aiortc does) and schedule a flush unless one is pending."""
+    if data == "":
+        pp_id, user_data = _sctp.WEBRTC_STRING_EMPTY, b"\x00"
+    elif isinstance(data, str):
+        pp_id, user_data = _sctp.WEBRTC_STRING, data.encode("utf8")
+    elif data == b"":
+        pp_id, user_data = _sctp.WEBRTC_BINARY_EMPTY, b"\x00"
+    else:
+        pp_id, user_data = _sctp.WEBRTC_BINARY, data
+    if self._remote_max_message_size and len(user_data) > self._remote_max_message_size:
+        raise ValueError(
+            f"Cannot send message of {len(user_data)} bytes, the remote party "
+            f"only supports messages up to {self._remote_max_message_size} bytes"
+        )
+    channel._addBufferedAmount(len(user_data))
+    self._data_channel_queue.append((channel, pp_id, user_data))
+    _schedule_flush(self)
+
+
+def _schedule_flush(self: Any) -> None:
+    if self._rb_flush_task is None:
+        task = asyncio.ensure_future(_run_flush(self))
+        self._rb_flush_task = task
+        task.add_done_callback(_flush_done)
+
+
+async def _run_flush(self: Any) -> None:
+    # Cleared first: messages queued while this flush awaits get a flush of their own.
+    self._rb_flush_task = None
+    await self._data_channel_flush()
+
+
+def _flush_done(task: asyncio.Future[None]) -> None:
+    # The association may die under a flush (DTLS closed): aiortc's own tasks drop that error
+    # too, the connection state change reports it.
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("sctp: flush failed: %r", task.exception())
+
+
+def _flush_budget(self: Any) -> int:
+    """Bytes of user data worth handing to SCTP now.
+
+    That is what `_transmit` may send on this call (the free window, at most one burst) plus
+    one chunk's worth, so that the outbound queue stays short (it is scanned in O(n)) and the
+    rest stays in the data channel queue, counted in `bufferedAmount` for flow control.
+    """
+    burst: int = 4 * _sctp.USERDATA_MAX_LENGTH
+    free: int = self._cwnd - self._flight_size
+    return max(min(free, burst), 0) + burst // 4
+
+
+async def _data_channel_flush(self: Any) -> None:
+    """Hand queued messages to SCTP, as many as the congestion window can take, then transmit.
+
+    Stock aiortc moves a message only when SCTP's outbound queue is empty, one at a time, and
+    transmits each on its own; moving a window's worth first lets `_transmit` bundle them.
+    """
+    if self._association_state != _State.ESTABLISHED:
+        return
+    queue = self._data_channel_queue
+    outbound_bytes = sum(len(chunk.user_data) for chunk in self._outbound_queue)
+    budget = _flush_budget(self)
+    moved = False
+    while queue and outbound_bytes < budget:
+        channel, protocol, user_data = queue.popleft()
+        stream_id = channel.id
+        if stream_id is None:
+            # Register the channel (an even or odd id by DTLS role, as aiortc does).
+            stream_id = self._data_channel_id
+            while stream_id in self._data_channels:
+                stream_id += 2
+            self._data_channels[stream_id] = channel
+            channel._setId(stream_id)
+        if protocol == _sctp.WEBRTC_DCEP:
+            _enqueue(self, stream_id, protocol, user_data, None, None, True)
+        else:
+            expiry = None
+            if channel.maxPacketLifeTime:
+                expiry = time.time() + (channel.maxPacketLifeTime / 1000)
+            _enqueue(
+                self,
+                stream_id,
+                protocol,
+                user_data,
+                expiry,
+                channel.maxRetransmits,
+                channel.ordered,
+            )
+            channel._addBufferedAmount(-len(user_data))
+        outbound_bytes += len(user_data)
+        moved = True
+    if moved:
+        await self._transmit()
+    # A stream reset may have been waiting for these messages.
+    await self._transmit_reconfig()
+
+
+def _enqueue(
+    self: Any,
+    stream_id: int,
+    pp_id: int,
+    user_data: bytes,
+    expiry: float | None,
+    max_retransmits: int | None,
+    ordered: bool,
+) -> None:
+    """Fragment one message into DATA chunks on the outbound queue.
+
+    This is aiortc's `_send` without its `_transmit` call: the flush transmits once for all the
+    messages it moved.
+    """
+    limit = _sctp.USERDATA_MAX_LENGTH
+    stream_seq = self._outbound_stream_seq.get(stream_id, 0) if ordered else 0
+    fragments = math.ceil(len(user_data) / limit)
+    pos = 0
+    for fragment in range(fragments):
+        chunk = _sctp.DataChunk()
+        chunk.flags = 0 if ordered else _sctp.SCTP_DATA_UNORDERED
+        if fragment == 0:
+            chunk.flags |= _sctp.SCTP_DATA_FIRST_FRAG
+        if fragment == fragments - 1:
+            chunk.flags |= _sctp.SCTP_DATA_LAST_FRAG
+        chunk.tsn = self._local_tsn
+        chunk.stream_id = stream_id
+        chunk.stream_seq = stream_seq
+        chunk.protocol = pp_id
+        chunk.user_data = user_data[pos : pos + limit]
+        chunk._abandoned = False
+        chunk._acked = False
+        chunk._book_size = len(chunk.user_data)
+        chunk._expiry = expiry
+        chunk._in_flight = False
+        chunk._max_retransmits = max_retransmits
+        chunk._misses = 0
+        chunk._retransmit = False
+        chunk._sent_count = 0
+        chunk._sent_time = None
+        pos += limit
+        self._local_tsn = _sctp.tsn_plus_one(self._local_tsn)
+        self._outbound_queue.append(chunk)
+    if ordered:
+        self._outbound_stream_seq[stream_id] = _uint16_add(stream_seq, 1)
+
+
+async def _send_bundle(self: Any, chunks: list[bytes]) -> None:
+    """Send serialized chunks as one SCTP packet (common header and CRC32c as aiortc does)."""
+    header = pack("!HHL", self._local_port, self._remote_port, self._remote_verification_tag)
+    body = b"".join(chunks)
+    checksum = _sctp.crc32c(header + b"\x00\x00\x00\x00" + body)
+    await self._RTCSctpTransport__transport._send_data(header + pack("<L", checksum) + body)
+
+
+async def _transmit(self: Any) -> None:
+    """Aiortc's `_transmit`, bundling new DATA chunks; retransmissions scanned only if needed.
+
+    The scan is skipped unless a SACK with gap blocks or the T3 timer may have marked chunks.
+    """
+    if self._forward_tsn_chunk is not None:
+        await self._send_chunk(self._forward_tsn_chunk)
+        self._forward_tsn_chunk = None
+        if not self._t3_handle:
+            self._t3_start()
+
+    if self._fast_recovery_exit is not None:
+        burst_size = 2 * _sctp.USERDATA_MAX_LENGTH
+    else:
+        burst_size = 4 * _sctp.USERDATA_MAX_LENGTH
+    cwnd = min(self._flight_size + burst_size, self._cwnd)
+
+    if self._rb_rtx_pending:
+        # Retransmissions, exactly as aiortc (one chunk per packet; they are rare).
+        retransmit_earliest = True
+        for chunk in self._sent_queue:
+            if chunk._retransmit:
+                if self._fast_recovery_transmit:
+                    self._fast_recovery_transmit = False
+                elif self._flight_size >= cwnd:
+                    return  # still pending: scan again next time
+                self._flight_size_increase(chunk)
+                chunk._misses = 0
+                chunk._retransmit = False
+                chunk._sent_count += 1
+                await self._send_chunk(chunk)
+                if retransmit_earliest:
+                    self._t3_restart()
+            retransmit_earliest = False
+        self._rb_rtx_pending = False
+
+    outbound = self._outbound_queue
+    if not outbound or self._flight_size >= cwnd:
+        return
+    limit = _sctp.SCTP_MAX_PACKET_LENGTH - _sctp.SCTP_COMMON_HEADER_LENGTH
+    bundle: list[bytes] = []
+    size = 0
+    now = time.time()
+    while outbound and self._flight_size < cwnd:
+        chunk = outbound.popleft()
+        self._sent_queue.append(chunk)
+        self._flight_size_increase(chunk)
+        chunk._sent_count += 1
+        chunk._sent_time = now
+        data = bytes(chunk)
+        if bundle and size + len(data) > limit:
+            await _send_bundle(self, bundle)
+            bundle, size = [], 0
+        bundle.append(data)
+        size += len(data)
+        if not self._t3_handle:
+            self._t3_start()
+    if bundle:
+        await _send_bundle(self, bundle)
+
+
+def _wrap_receive_sack(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    async def _receive_sack_chunk(self: Any, chunk: Any) -> None:
+        if chunk.gaps:
+            # Gap blocks may strike chunks for fast retransmission.
+            self._rb_rtx_pending = True
+        await original(self, chunk)
+
+    return _receive_sack_chunk
+
+
+def _wrap_t3_expired(original: Callable[[Any], None]) -> Callable[[Any], None]:
+    def _t3_expired(self: Any) -> None:
+        self._rb_rtx_pending = True  # T3 marks every outstanding chunk
+        original(self)
+
+    return _t3_expired
+
+
+# ------------------------------------------------------------------ receive path
+
+
+async def _handle_data(self: Any, data: bytes) -> None:
+    """Aiortc's `_handle_data` with SACKs for every second DATA packet, or once idle."""
+    try:
+        _, _, verification_tag, chunks = _sctp.parse_packet(data)
+    except ValueError:
+        return
+    if any(isinstance(chunk, _sctp.InitChunk) for chunk in chunks):
+        if len(chunks) != 1:
+            return  # RFC 9260 §6.10: an INIT is never bundled
+        expected_tag = 0
+    else:
+        expected_tag = self._local_verification_tag
+    if verification_tag != expected_tag:
+        return
+    for chunk in chunks:
+        await self._receive_chunk(chunk)
+    if not self._sack_needed:
+        return
+    self._rb_unacked_packets += 1
+    if (
+        self._rb_unacked_packets >= SACK_EVERY_PACKETS
+        or self._sack_misordered
+        or self._sack_duplicates
+        or self._association_state != _State.ESTABLISHED
+    ):
+        await _sack_now(self)
+    elif self._rb_sack_handle is None:
+        # Once the receive backlog is drained, this loop turn ends and the SACK goes out.
+        self._rb_sack_handle = asyncio.get_running_loop().call_soon(_delayed_sack, self)
+
+
+async def _sack_now(self: Any) -> None:
+    handle, self._rb_sack_handle = self._rb_sack_handle, None
+    if handle is not None:
+        handle.cancel()
+    self._rb_unacked_packets = 0
+    await self._send_sack()
+
+
+def _delayed_sack(self: Any) -> None:
+    self._rb_sack_handle = None
+    if not self._sack_needed:
+        return
+    if self._rb_sack_task is not None:
+        return  # one is on its way
+    task = asyncio.ensure_future(_send_delayed_sack(self))
+    self._rb_sack_task = task
+    task.add_done_callback(_flush_done)
+
+
+async def _send_delayed_sack(self: Any) -> None:
+    self._rb_sack_task = None
+    if self._sack_needed and self._association_state == _State.ESTABLISHED:
+        self._rb_unacked_packets = 0
+        await self._send_sack()
