@@ -214,7 +214,6 @@ async def run_bridge(config: Config) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level, args.log_format)
     if args.command == "schema":
         print(json.dumps(json_schema(), indent=2))
         return 0
@@ -230,4 +229,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{len(config.mqtt)} MQTT brokers, {len(config.kafka)} Kafka clusters)"
         )
         return 0
+    setup_logging(args.log_level, args.log_format)
     return asyncio.run(run_bridge(config))
