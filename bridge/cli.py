@@ -163,7 +163,8 @@ def build_buses(config: Config) -> Buses:
     for connector in config.connectors:
         source = connector.from_
         if isinstance(source, KafkaFrom):
-            group = source.group_id or config.kafka[source.kafka].group_id
+            # One group per route by default: routes never rebalance each other.
+            group = source.group_id or f"{config.kafka[source.kafka].group_id}.{connector.name}"
             buses.kafka_sources[connector.name] = KafkaSource(
                 f"kafka:{source.kafka}:{connector.name}",
                 kafka_settings(source.kafka),

@@ -696,6 +696,11 @@ class KafkaSource:
         """Whether fetching is paused because `max_in_flight` messages are unacknowledged."""
         return self._paused
 
+    @property
+    def assigned(self) -> bool:
+        """Whether the group gave this member partitions (it consumes only from then on)."""
+        return self._consumer is not None and bool(self._consumer.assignment())
+
     async def start(self) -> None:
         """Connect, check the topics exist, and join the group; idempotent.
 

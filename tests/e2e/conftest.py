@@ -86,6 +86,17 @@ async def run_bridge(yaml_text: str) -> AsyncIterator[Bridge]:
         await asyncio.wait_for(task, 60)
 
 
+async def kafka_assigned(bridge: Bridge) -> None:
+    """Wait until every Kafka source of the bridge has partitions: new groups start at the end
+    of their topics, so a record produced earlier would not be seen."""
+    sources = list(bridge.buses.kafka_sources.values())
+    await eventually(
+        lambda: all(source.assigned for source in sources),
+        timeout=30,
+        what="the bridge's Kafka consumers to be assigned partitions",
+    )
+
+
 class MqttPeer:
     """An independent MQTT 5 client (paho with its own thread) for the bus side of tests."""
 
@@ -201,4 +212,13 @@ def unique(prefix: str) -> str:
 
 
 Predicate = Callable[[], bool]
-__all__ = ["Any", "KafkaPeer", "MqttPeer", "Predicate", "bridge_yaml", "run_bridge", "unique"]
+__all__ = [
+    "Any",
+    "KafkaPeer",
+    "MqttPeer",
+    "Predicate",
+    "bridge_yaml",
+    "kafka_assigned",
+    "run_bridge",
+    "unique",
+]

@@ -9,7 +9,14 @@ import json
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from livekit import rtc
 
-from tests.e2e.conftest import KafkaPeer, MqttPeer, bridge_yaml, run_bridge, unique
+from tests.e2e.conftest import (
+    KafkaPeer,
+    MqttPeer,
+    bridge_yaml,
+    kafka_assigned,
+    run_bridge,
+    unique,
+)
 from tests.interop.conftest import eventually, sdk_peer
 from tests.services import Kafka, LiveKitServer, Mosquitto
 
@@ -47,8 +54,8 @@ connectors:
         )
         config = bridge_yaml(livekit_server, None, kafka, room_name, body)
         async with run_bridge(config) as bridge:
-            group = bridge.config.kafka["main"].group_id
-            await asyncio.sleep(2)
+            group = bridge.buses.kafka_sources["texts"].group_id
+            await kafka_assigned(bridge)
             await kafka_peer.produce(topic, b'{"payload": "ok 1"}')
             await kafka_peer.produce(topic, b"{not json")  # offset 1: malformed JSON
             await kafka_peer.produce(
@@ -88,8 +95,8 @@ connectors:
 """
     await kafka_peer.create_topic(f"{topic}-p")
     async with run_bridge(bridge_yaml(livekit_server, None, kafka, room_name, body)) as bridge:
-        group = bridge.config.kafka["main"].group_id
-        await asyncio.sleep(2)
+        group = bridge.buses.kafka_sources["texts"].group_id
+        await kafka_assigned(bridge)
         await kafka_peer.produce(topic, b"\xff\xfe not utf-8", key=b"k1")
         await kafka_peer.produce(f"{topic}-p", b"x" * 100_000, key=b"k2")  # over the packet limit
         consumer = await kafka_peer.consumer(dlq)

@@ -10,7 +10,14 @@ from pathlib import Path
 
 from livekit import api, rtc
 
-from tests.e2e.conftest import KafkaPeer, MqttPeer, bridge_yaml, run_bridge, unique
+from tests.e2e.conftest import (
+    KafkaPeer,
+    MqttPeer,
+    bridge_yaml,
+    kafka_assigned,
+    run_bridge,
+    unique,
+)
 from tests.interop.conftest import eventually, sdk_peer
 from tests.services import Kafka, LiveKitServer, Mosquitto
 
@@ -95,8 +102,7 @@ connectors:
         reader.register_text_stream_handler("chat", on_text_sync)
         async with run_bridge(bridge_yaml(livekit_server, None, kafka, room_name, body)) as bridge:
             await eventually(lambda: "bridge" in reader.remote_participants, what="bridge joined")
-            # Consumer groups start at the end: wait until the bridge's consumer is assigned.
-            await asyncio.sleep(2)
+            await kafka_assigned(bridge)
             text = "Grüße 🌍 " * 5000
             await kafka_peer.produce(topic, text.encode(), key=b"k")
             received, attributes, sender = await asyncio.wait_for(texts.get(), 30)
@@ -359,7 +365,7 @@ connectors:
     ):
         changes: asyncio.Queue[str] = asyncio.Queue()
         viewer.on("room_metadata_changed", lambda _old, new: changes.put_nowait(new))
-        await asyncio.sleep(2)  # the consumer group starts at the end of the topic
+        await kafka_assigned(bridge)
         doc = json.dumps({"layout": "grid", "n": 3})
         await kafka_peer.produce(topic, doc.encode())
         assert await asyncio.wait_for(changes.get(), 30) == doc
