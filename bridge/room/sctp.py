@@ -23,6 +23,14 @@ spending its time on avoidable work, not on the network:
    packet"), at once when the packet showed a gap or duplicate, and otherwise as soon as the
    receive backlog is drained (a `call_soon` callback), so the delay is never a timer's.
 
+5. **The peer's receive window is ignored.** Stock aiortc limits what it sends only by its
+   congestion window; the `a_rwnd` of the peer's SACKs is read once (as the initial ssthresh)
+   and never again. A sender faster than livekit-server's reader overruns its receive buffer;
+   the excess is dropped and recovered only by the retransmission timer (at least 1 s), which
+   showed as one-second delivery gaps in the benchmark. Here new data goes out only while the
+   bytes in flight stay below the last advertised window (RFC 9260 §6.1 rule A), with one chunk
+   allowed as a probe when the window is closed and nothing is in flight.
+
 What is unchanged: TSN and stream-sequence assignment, congestion control (cwnd, ssthresh, fast
 recovery, burst limit), retransmission and abandonment (partial reliability), stream resets and
 `bufferedAmount` accounting (a message leaves `bufferedAmount` when it is handed to SCTP, as in
@@ -211,8 +219,20 @@ def _flush_budget(self: Any) -> int:
     rest stays in the data channel queue, counted in `bufferedAmount` for flow control.
     """
     burst: int = 4 * _sctp.USERDATA_MAX_LENGTH
-    free: int = self._cwnd - self._flight_size
+    free: int = _send_window(self) - self._flight_size
     return max(min(free, burst), 0) + burst // 4
+
+
+def _send_window(self: Any) -> int:
+    """Bytes that may be in flight: the congestion window, capped by the peer's receive window.
+
+    A closed window still admits one chunk when nothing is in flight (the zero window probe).
+    """
+    window: int = self._cwnd
+    peer: int | None = getattr(self, "_rb_peer_rwnd", None)
+    if peer is not None:
+        window = min(window, max(peer, 1 if self._flight_size == 0 else 0))
+    return window
 
 
 async def _data_channel_flush(self: Any) -> None:
@@ -353,6 +373,9 @@ async def _transmit(self: Any) -> None:
         self._rb_rtx_pending = False
 
     outbound = self._outbound_queue
+    # New data also respects the peer's receive window (retransmissions above do not need to:
+    # they replace data the peer counted already).
+    cwnd = min(cwnd, _send_window(self))
     if not outbound or self._flight_size >= cwnd:
         return
     limit = _sctp.SCTP_MAX_PACKET_LENGTH - _sctp.SCTP_COMMON_HEADER_LENGTH
@@ -379,6 +402,7 @@ async def _transmit(self: Any) -> None:
 
 def _wrap_receive_sack(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     async def _receive_sack_chunk(self: Any, chunk: Any) -> None:
+        self._rb_peer_rwnd = chunk.advertised_rwnd
         if chunk.gaps:
             # Gap blocks may strike chunks for fast retransmission.
             self._rb_rtx_pending = True

@@ -370,3 +370,31 @@ async def test_a_gap_is_reported_at_once() -> None:
         gap_sacks = [s for s in sacks if s.gaps]
         # Each packet after the gap is answered with a SACK carrying the gap.
         assert len(gap_sacks) >= 2
+
+
+async def test_sender_keeps_within_the_peer_receive_window() -> None:
+    async with _associated() as pair:
+        tx, rx = _channels(pair)
+        got = _collect(rx)
+        await _wait_for(lambda: tx.readyState == "open")
+        window = 3_000
+        send_sack = pair.b._send_sack
+
+        async def small_window_sack() -> None:
+            # A peer whose reader lags: it keeps advertising only a small free buffer.
+            pair.b._advertised_rwnd = window
+            await send_sack()
+
+        pair.b._send_sack = small_window_sack  # type: ignore[method-assign]
+        # The first SACK tells the sender about the small window (before it, the INIT's applies).
+        tx.send(_message(0))
+        await _wait_for(lambda: len(got) == 1 and pair.a._flight_size == 0)
+        for i in range(1, 400):
+            tx.send(_message(i))
+        most = 0
+        while len(got) < 400:
+            most = max(most, pair.a._flight_size)
+            await asyncio.sleep(0)
+        # Stock aiortc would let the congestion window (tens of KB by now) fill up instead.
+        assert most <= window + 300, most
+        assert got == [_message(i) for i in range(400)]
