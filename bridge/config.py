@@ -167,7 +167,9 @@ class KafkaClusterConfig(_Model):
 
     bootstrap_servers: list[str] = Field(min_length=1, description="host:port of brokers")
     client_id: str = Field("roombus", description="Kafka client id")
-    group_id: str = Field("roombus", description="Default consumer group of bus-to-room routes")
+    group_id: str = Field(
+        "roombus", description="Prefix of the consumer groups of bus-to-room routes"
+    )
     sasl: SaslConfig | None = Field(None, description="SASL authentication")
     tls: TlsConfig | None = Field(None, description="TLS settings; absent means plaintext")
     acks: Literal["all", 1, 0] = Field("all", description='Producer acks: "all", 1 or 0')
@@ -195,6 +197,74 @@ class KafkaClusterConfig(_Model):
 # ----------------------------------------------------------------------------- connectors
 
 Format = Literal["raw", "json", "base64"]
+
+
+# Request/reply header conventions of Kafka frameworks (reply-to header, correlation header):
+# * Spring Kafka: KafkaHeaders.REPLY_TOPIC = "kafka_replyTopic", KafkaHeaders.CORRELATION_ID =
+#   "kafka_correlationId" (spring-kafka reference, "Using ReplyingKafkaTemplate"). Spring's
+#   default correlation id is 16 raw UUID bytes: our Kafka connector drops header values that
+#   are not UTF-8, so Spring requesters must set a textual correlation id.
+# * Zilla: "zilla:correlation-id" correlates request and response records (Zilla docs, "HTTP
+#   Kafka Proxy", correlated request-response); the reply topic travels as "zilla:reply-to".
+# * FastStream: "reply_to" and "correlation_id" (FastStream's Kafka message headers).
+KAFKA_REPLY_PRESETS: dict[str, tuple[str, str]] = {
+    "spring": ("kafka_replyTopic", "kafka_correlationId"),
+    "zilla": ("zilla:reply-to", "zilla:correlation-id"),
+    "faststream": ("reply_to", "correlation_id"),
+}
+DEFAULT_DEADLINE_HEADER = "rpc-deadline"
+
+
+class MqttReply(_Model):
+    """How MQTT requests say where their reply goes (bus-to-room RPC).
+
+    Without `reply_topic` the MQTT 5 way: the request's Response Topic and Correlation Data
+    properties (MQTT 5 brokers only). With `reply_topic` the MQTT 3.1.1 way (works on both): the
+    request payload is a JSON object carrying the correlation id and the RPC payload in fields,
+    and the reply, a JSON object too, goes to the rendered `reply_topic`.
+    """
+
+    reply_topic: str | None = Field(
+        None, description="MQTT 3.1.1 style: reply topic template, e.g. devices/{device}/reply"
+    )
+    correlation_field: str = Field(
+        "correlation_id", min_length=1, description="JSON field with the correlation id"
+    )
+    payload_field: str = Field(
+        "payload", min_length=1, description="JSON field with the RPC payload (3.1.1 style)"
+    )
+    qos: Literal[0, 1, 2] = Field(1, description="QoS of the reply")
+    deadline_header: str = Field(
+        DEFAULT_DEADLINE_HEADER,
+        description="User property (or JSON field) with an absolute deadline, epoch milliseconds",
+    )
+
+
+class KafkaReply(_Model):
+    """How Kafka requests name their reply topic and correlation id (record headers)."""
+
+    preset: Literal["spring", "zilla", "faststream", "custom"] = Field(
+        "faststream", description="Header names of a framework's convention, or custom"
+    )
+    reply_to_header: str | None = Field(None, description="Header holding the reply topic")
+    correlation_header: str | None = Field(None, description="Header holding the correlation id")
+    deadline_header: str = Field(
+        DEFAULT_DEADLINE_HEADER, description="Header with an absolute deadline, epoch milliseconds"
+    )
+
+    @model_validator(mode="after")
+    def _names(self) -> KafkaReply:
+        if self.preset == "custom" and (
+            self.reply_to_header is None or self.correlation_header is None
+        ):
+            raise ValueError("preset custom needs reply_to_header and correlation_header")
+        return self
+
+    @property
+    def header_names(self) -> tuple[str, str]:
+        """(reply-to header, correlation header): the preset's, overridden where given."""
+        reply, corr = KAFKA_REPLY_PRESETS.get(self.preset, ("", ""))
+        return (self.reply_to_header or reply, self.correlation_header or corr)
 
 
 class PacketFrom(_Model):
@@ -238,6 +308,33 @@ class NothingMore(_Model):
     """No options."""
 
 
+class RpcFrom(_Model):
+    """RPC calls made to the bridge participant, turned into bus requests (room to bus)."""
+
+    methods: list[str] = Field(
+        min_length=1, description="Method names or globs the bridge serves, e.g. bus.*"
+    )
+    reply_topic: str = Field(
+        description="Where bus replies come back: an MQTT topic the bridge subscribes to, or "
+        "a Kafka topic it reads"
+    )
+    timeout: float = Field(
+        10.0, gt=0, le=600, description="Seconds to wait for the bus reply (then 1502)"
+    )
+    max_in_flight: int = Field(256, ge=1, le=100_000, description="Calls waiting at most")
+    kafka_reply: KafkaReply = Field(
+        KafkaReply(), description="Kafka: header names of the request (reply-to, correlation)"
+    )
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str]) -> list[str]:
+        for method in value:
+            if not method or len(method.encode()) > 64:
+                raise ValueError(f"method {method!r}: RPC method names are 1-64 bytes")
+        return value
+
+
 class RoomFrom(_Model):
     """Traffic of LiveKit rooms: exactly one of the kinds below."""
 
@@ -250,6 +347,7 @@ class RoomFrom(_Model):
     metadata: NothingMore | None = Field(None, description="Participant metadata changes")
     room_metadata: NothingMore | None = Field(None, description="Room metadata changes")
     presence: NothingMore | None = Field(None, description="Participants joining and leaving")
+    rpc: RpcFrom | None = Field(None, description="RPC calls to the bridge, as bus requests")
 
     @property
     def kind(self) -> str:
@@ -272,6 +370,7 @@ ROOM_KINDS = (
     "metadata",
     "room_metadata",
     "presence",
+    "rpc",
 )
 
 
@@ -282,6 +381,9 @@ class MqttFrom(_Model):
     topic: str = Field(description="Filter, with named captures: devices/{site}/{device}/data")
     qos: Literal[0, 1, 2] = Field(1, description="Subscription QoS (1 or 2 for at-least-once)")
     format: Format = Field("raw", description="Payload encoding on the bus")
+    reply: MqttReply | None = Field(
+        None, description="Request/reply convention (only with an rpc target; default MQTT 5)"
+    )
 
 
 class KafkaFrom(_Model):
@@ -289,9 +391,14 @@ class KafkaFrom(_Model):
 
     kafka: str = Field(description="Name of a cluster under `kafka:`")
     topics: list[str] = Field(min_length=1, description="Topics to consume")
-    group_id: str | None = Field(None, description="Consumer group (default: the cluster's)")
+    group_id: str | None = Field(
+        None, description="Consumer group (default: the cluster's group_id + '.' + connector name)"
+    )
     format: Format = Field("raw", description="Payload encoding on the bus")
     max_in_flight: int = Field(1000, ge=1, description="Unacknowledged records at most")
+    reply: KafkaReply | None = Field(
+        None, description="Request/reply headers (only with an rpc target; default faststream)"
+    )
 
 
 class MqttTo(_Model):
@@ -355,6 +462,23 @@ class ParticipantAttributeTo(_Model):
     key: str = Field(description="Attribute key template")
 
 
+class RpcTo(_Model):
+    """Call an RPC method of a participant; the answer goes back on the bus (bus to room)."""
+
+    destination: str = Field(description="Identity template of the callee, e.g. {device}")
+    method: str = Field(description="Method name template, e.g. {header.method}")
+    timeout: float = Field(
+        10.0, gt=0, le=600, description="Seconds; the request's own expiry/deadline may cut it"
+    )
+    max_in_flight: int = Field(256, ge=1, le=100_000, description="Concurrent calls at most")
+    max_request_bytes: int = Field(
+        15_360, ge=1, description="Larger request payloads get error 1402 (LiveKit v1 limit)"
+    )
+    max_response_bytes: int = Field(
+        15_360, ge=1, description="Larger responses get error 1504 instead"
+    )
+
+
 class RoomTo(_Model):
     """Deliver into a LiveKit room: exactly one of the kinds below."""
 
@@ -365,6 +489,7 @@ class RoomTo(_Model):
     attribute: AttributeTo | None = None
     room_metadata: NothingMore | None = Field(None, description="Payload becomes room metadata")
     participant_attribute: ParticipantAttributeTo | None = None
+    rpc: RpcTo | None = None
 
     @property
     def kind(self) -> str:
@@ -386,6 +511,7 @@ ROOM_TO_KINDS = (
     "attribute",
     "room_metadata",
     "participant_attribute",
+    "rpc",
 )
 
 
@@ -464,6 +590,17 @@ class BridgeSettings(_Model):
     )
     health_port: int | None = Field(
         None, ge=1, le=65535, description="Serve /ping and /ready on this port (127.0.0.1)"
+    )
+    state_dir: str | None = Field(
+        None,
+        description="Directory for durable state (the RPC reply cache, rpc-replies.sqlite3); "
+        "without it the cache lives in memory and is lost on restart",
+    )
+    rpc_dedup_window: float = Field(
+        600.0, gt=0, description="Seconds a bus request's reply is kept to answer redeliveries"
+    )
+    rpc_dedup_max_entries: int = Field(
+        100_000, ge=1, description="Cached RPC replies at most (oldest evicted first)"
     )
 
 
@@ -655,7 +792,13 @@ ROOM_KIND_PLACEHOLDERS = {
     "metadata": (),
     "room_metadata": (),
     "presence": ("event",),
+    "rpc": ("method", "request_id"),
 }
+# Dynamic placeholders of bus-to-room RPC routes: a request header (Kafka header, MQTT 5 user
+# property) by name, and a top-level field of a JSON request (MQTT 3.1.1 convention).
+HEADER_PREFIX = "header."
+FIELD_PREFIX = "field."
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
 def placeholders(source: MqttFrom | KafkaFrom | RoomFrom) -> tuple[str, ...]:
@@ -667,6 +810,69 @@ def placeholders(source: MqttFrom | KafkaFrom | RoomFrom) -> tuple[str, ...]:
     if isinstance(source, MqttFrom):
         return ("topic", "broker", *parse_filter(source.topic).captures)
     return ("topic", "key", "partition")
+
+
+def route_placeholders(connector: ConnectorConfig) -> tuple[str, ...]:
+    """The placeholders of a connector's templates.
+
+    Its source's, plus for bus-to-room RPC the ``{header.NAME}`` (and, with the JSON convention,
+    ``{field.NAME}``) placeholders its templates use.
+    """
+    source = connector.from_
+    known = placeholders(source)
+    to = connector.to
+    if not (isinstance(to, RoomTo) and to.rpc is not None) or isinstance(source, RoomFrom):
+        return known
+    json_style = isinstance(source, MqttFrom) and _json_reply(source)
+    texts = [to.room, to.rpc.destination, to.rpc.method]
+    if isinstance(source, MqttFrom) and source.reply is not None and source.reply.reply_topic:
+        texts.append(source.reply.reply_topic)
+    extra: set[str] = set()
+    for text in texts:
+        for name in _PLACEHOLDER.findall(text):
+            prefixes = (HEADER_PREFIX, FIELD_PREFIX) if json_style else (HEADER_PREFIX,)
+            if any(name.startswith(p) and len(name) > len(p) for p in prefixes):
+                extra.add(name)
+    return known + tuple(sorted(extra))
+
+
+def _json_reply(source: MqttFrom) -> bool:
+    return source.reply is not None and source.reply.reply_topic is not None
+
+
+_KAFKA_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def _rpc_problems(config: Config, connector: ConnectorConfig) -> Iterator[tuple[Path_, str]]:
+    source, to = connector.from_, connector.to
+    rpc_target = isinstance(to, RoomTo) and to.rpc is not None
+    if isinstance(source, (MqttFrom, KafkaFrom)) and source.reply is not None and not rpc_target:
+        yield ("from", "reply"), "reply applies only to a connector whose target is rpc"
+    if rpc_target and isinstance(source, MqttFrom) and not _json_reply(source):
+        broker = config.mqtt.get(source.mqtt)
+        if broker is not None and broker.protocol == "3.1.1":
+            yield (
+                ("from", "reply"),
+                "MQTT 3.1.1 has no response topic: set reply.reply_topic (JSON convention)",
+            )
+    if isinstance(source, RoomFrom) and source.rpc is not None:
+        reply_topic = source.rpc.reply_topic
+        if isinstance(to, MqttTo):
+            broker = config.mqtt.get(to.mqtt)
+            if broker is not None and broker.protocol == "3.1.1":
+                yield (
+                    ("to", "mqtt"),
+                    "room-to-bus RPC needs MQTT 5 (response topic and correlation data)",
+                )
+            if not reply_topic or any(c in reply_topic for c in "+#{}\x00"):
+                yield (
+                    ("from", "rpc", "reply_topic"),
+                    "must be a plain MQTT topic (no wildcard, no placeholder)",
+                )
+        elif isinstance(to, KafkaTo) and (
+            not _KAFKA_TOPIC_NAME.fullmatch(reply_topic) or reply_topic in (".", "..")
+        ):
+            yield (("from", "rpc", "reply_topic"), "is not a valid Kafka topic name")
 
 
 def check_references(config: Config) -> Iterator[tuple[Path_, str]]:
@@ -707,7 +913,9 @@ def check_references(config: Config) -> Iterator[tuple[Path_, str]]:
                 where = ("from", kind, "topic") if kind else ("from", "topic")
                 yield (*base, *where), str(exc)
                 continue
-        known = placeholders(source)
+        for path, problem in _rpc_problems(config, connector):
+            yield (*base, *path), problem
+        known = route_placeholders(connector)
         for path, text, target in _templates(connector):
             try:
                 parse_template(text, known, target)
@@ -716,6 +924,9 @@ def check_references(config: Config) -> Iterator[tuple[Path_, str]]:
 
 
 def _templates(connector: ConnectorConfig) -> Iterator[tuple[Path_, str, Target]]:
+    source = connector.from_
+    if isinstance(source, MqttFrom) and source.reply is not None and source.reply.reply_topic:
+        yield ("from", "reply", "reply_topic"), source.reply.reply_topic, Target.MQTT_TOPIC
     for side, to in (("to", connector.to), ("dead_letter", connector.dead_letter)):
         if isinstance(to, MqttTo):
             yield (side, "topic"), to.topic, Target.MQTT_TOPIC
@@ -729,7 +940,7 @@ def _templates(connector: ConnectorConfig) -> Iterator[tuple[Path_, str, Target]
             yield (side, "room"), to.room, Target.ROOM
             kind = to.kind
             spec = getattr(to, kind)
-            for attr in ("topic", "name", "key", "identity"):
+            for attr in ("topic", "name", "key", "identity", "destination", "method"):
                 text = getattr(spec, attr, None)
                 if isinstance(text, str):
                     yield (side, kind, attr), text, Target.TEXT

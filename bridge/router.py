@@ -28,8 +28,9 @@ from bridge.config import (
     PacketFrom,
     RoomFrom,
     RoomTo,
+    RpcTo,
     TextStreamFrom,
-    placeholders,
+    route_placeholders,
 )
 from bridge.envelope import H_CONTENT_TYPE, H_SOURCE, Envelope, Outbound
 from bridge.topics import (
@@ -207,6 +208,10 @@ class RoomTarget:
     reliable: bool = True
     oversize_as_stream: bool = True
     mime_type: str = "application/octet-stream"
+    # rpc: the callee's identity and the method
+    destination: Template | None = None
+    method: Template | None = None
+    rpc: RpcTo | None = None
 
     @classmethod
     def of(cls, spec: RoomTo, known: tuple[str, ...]) -> RoomTarget:
@@ -234,6 +239,9 @@ class RoomTarget:
             reliable=getattr(sub, "reliable", True),
             oversize_as_stream=getattr(sub, "oversize", "byte_stream") == "byte_stream",
             mime_type=getattr(sub, "mime_type", "application/octet-stream"),
+            destination=t(getattr(sub, "destination", None)),
+            method=t(getattr(sub, "method", None)),
+            rpc=spec.rpc,
         )
 
 
@@ -265,6 +273,8 @@ class ToRoomRoute:
     filter: TopicFilter | None  # MQTT only
     target: RoomTarget
     dead_letter: BusTarget | None
+    # rpc with the MQTT 3.1.1 convention: where replies go
+    reply_topic: Template | None = None
 
     def match(self, envelope: Envelope) -> dict[str, str] | None:
         """The placeholder values if `envelope` belongs to this route, else None."""
@@ -313,7 +323,7 @@ Route = ToBusRoute | ToRoomRoute
 def compile_route(connector: ConnectorConfig) -> Route:
     """Compile one connector (the config was validated, so templates parse)."""
     source = connector.from_
-    known = placeholders(source)
+    known = route_placeholders(connector)
     dead = BusTarget.of(connector.dead_letter, known) if connector.dead_letter else None
     if isinstance(source, RoomFrom):
         assert isinstance(connector.to, (MqttTo, KafkaTo))
@@ -322,7 +332,12 @@ def compile_route(connector: ConnectorConfig) -> Route:
         return ToBusRoute(connector.name, source, BusTarget.of(connector.to, known), dead, flt)
     assert isinstance(connector.to, RoomTo)
     flt = parse_filter(source.topic) if isinstance(source, MqttFrom) else None
-    return ToRoomRoute(connector.name, source, flt, RoomTarget.of(connector.to, known), dead)
+    reply_topic = None
+    if isinstance(source, MqttFrom) and source.reply is not None and source.reply.reply_topic:
+        reply_topic = parse_template(source.reply.reply_topic, known, Target.MQTT_TOPIC)
+    return ToRoomRoute(
+        connector.name, source, flt, RoomTarget.of(connector.to, known), dead, reply_topic
+    )
 
 
 def compile_routes(config: Config) -> list[Route]:

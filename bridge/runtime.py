@@ -73,6 +73,7 @@ from bridge.router import (
     ToRoomRoute,
     compile_routes,
 )
+from bridge.rpcbridge import RpcBridge
 from bridge.topics import glob_match
 
 log = logging.getLogger("roombus.bridge")
@@ -291,6 +292,7 @@ class RoomLink:
             room.on(ParticipantMetadataChanged, self._on_metadata)
         if "room_metadata" in kinds:
             room.on(RoomMetadataChanged, self._on_room_metadata)
+        self.bridge.rpc.attach(self, room)
         room.on(Disconnected, lambda e: log.info("room %s: closed: %s", self.name, e.reason))
 
     def _values(self, room: Room, identity: str, sid: str, kind: str) -> dict[str, str]:
@@ -680,8 +682,15 @@ class Bridge:
         self.bridge_id = bridge_id or f"{config.livekit.identity}-{uuid.uuid4().hex[:8]}"
         self.counters = Counters()
         routes = compile_routes(config)
-        self.workers = [RouteWorker(self, r) for r in routes if isinstance(r, ToBusRoute)]
+        self.workers = [
+            RouteWorker(self, r) for r in routes if isinstance(r, ToBusRoute) and r.kind != "rpc"
+        ]
         self.room_routes = [r for r in routes if isinstance(r, ToRoomRoute)]
+        self.rpc = RpcBridge(
+            self,
+            [r for r in self.room_routes if r.target.kind == "rpc"],
+            [r for r in routes if isinstance(r, ToBusRoute) and r.kind == "rpc"],
+        )
         self.links: dict[str, RoomLink] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._link_tasks: dict[str, asyncio.Task[None]] = {}
@@ -699,6 +708,7 @@ class Bridge:
             self._server_api = ServerApi(lk.url, lk.api_key, lk.api_secret)
         try:
             await self._start_buses()
+            await self.rpc.start()
             for name in lk.rooms:
                 self._join(name)
             if lk.room_patterns:
@@ -725,6 +735,7 @@ class Bridge:
                 self.buses.mqtt[route.source.mqtt].add_subscription(
                     route.filter.mqtt_filter, route.source.qos
                 )
+        self.rpc.prepare_buses()
         for connector in self.buses.all():
             await connector.start()
 
@@ -738,6 +749,8 @@ class Bridge:
                 self._readers.append(
                     asyncio.create_task(self._read(source, [route]), name=f"read-{route.name}")
                 )
+        for broker in self.rpc.mqtt_reply_topics:
+            by_broker.setdefault(broker, [])
         for broker, routes in by_broker.items():
             source = self.buses.mqtt[broker]
             self._readers.append(
@@ -774,6 +787,8 @@ class Bridge:
         for task in self._readers:
             task.cancel()
         await asyncio.gather(*self._readers, return_exceptions=True)
+        # Bus requests in progress get their replies (unanswered ones stay unacknowledged).
+        await self.rpc.drain(timeout)
         # 2. Drain room-to-bus queues within the deadline.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
@@ -795,6 +810,7 @@ class Bridge:
         for task in self._link_tasks.values():
             task.cancel()
         await asyncio.gather(*self._link_tasks.values(), return_exceptions=True)
+        await self.rpc.stop()
         # 4. Commit and disconnect the buses.
         for connector in self.buses.all():
             try:
@@ -883,17 +899,31 @@ class Bridge:
             self.counters.inc("loop.skipped")
             await inbound.ack()
             return
+        if self.rpc.take_reply(source, envelope):
+            await inbound.ack()
+            return
         matched = False
         delivered = True
+        rpc: list[tuple[ToRoomRoute, dict[str, str]]] = []
         for route in routes:
             values = route.match(envelope)
             if values is None:
                 continue
             matched = True
-            if not await self._deliver_or_dead_letter(route, envelope, values):
+            if route.target.kind == "rpc":
+                rpc.append((route, values))
+            elif not await self._deliver_or_dead_letter(route, envelope, values):
                 delivered = False
         if not matched:
             self.counters.inc(f"source.{source}.unmatched")
+        if rpc:
+            # A request is answered once: by the first RPC route it matches. Its task
+            # acknowledges it after the reply (and only if the other routes delivered it).
+            if len(rpc) > 1:
+                self.counters.inc(f"source.{source}.rpc_extra_routes", len(rpc) - 1)
+            route, values = rpc[0]
+            await self.rpc.submit(route, envelope, values, inbound, ack=delivered)
+            return
         if delivered:
             await inbound.ack()
 
@@ -901,7 +931,8 @@ class Bridge:
         self, route: ToRoomRoute, envelope: Envelope, values: dict[str, str]
     ) -> bool:
         prefix = f"route.{route.name}"
-        if envelope.expiry is not None and time.time() > envelope.expiry:
+        # The MQTT 5 expiry is the interval left when the broker sent it, from reception on.
+        if envelope.expiry is not None and time.time() > envelope.received_at + envelope.expiry:
             self.counters.inc(f"{prefix}.expired")
             return True
         try:
@@ -912,28 +943,36 @@ class Bridge:
             log.warning("%s: rejected a message from %s: %s", route.name, envelope.topic, exc)
             if route.dead_letter is None:
                 return False
-            headers = dict(envelope.headers) | {
-                "roombus-error": exc.reason,
-                "roombus-error-detail": exc.detail[:500],
-                "roombus-origin-topic": envelope.topic,
-            }
-            try:
-                out = route.dead_letter.outbound(
-                    envelope.payload,
-                    values,
-                    headers,
-                    content_type=envelope.content_type,
-                    default_key=None,
-                    bridge_id=self.bridge_id,
-                )
-            except RejectedMessage as exc2:
-                self.counters.inc(f"{prefix}.dead_letter_failed")
-                log.error("%s: cannot dead-letter either: %s", route.name, exc2)
-                return False
-            await self.publish_with_retry(route.name, route.dead_letter, out)
-            self.counters.inc(f"{prefix}.dead_lettered")
-            return True
+            return await self.dead_letter_envelope(route, envelope, values, exc)
         self.counters.inc(f"{prefix}.delivered")
+        return True
+
+    async def dead_letter_envelope(
+        self, route: ToRoomRoute, envelope: Envelope, values: dict[str, str], why: RejectedMessage
+    ) -> bool:
+        """Send a rejected bus message to the route's dead-letter destination; True if sent."""
+        prefix = f"route.{route.name}"
+        assert route.dead_letter is not None
+        headers = dict(envelope.headers) | {
+            "roombus-error": why.reason,
+            "roombus-error-detail": why.detail[:500],
+            "roombus-origin-topic": envelope.topic,
+        }
+        try:
+            out = route.dead_letter.outbound(
+                envelope.payload,
+                values,
+                headers,
+                content_type=envelope.content_type,
+                default_key=None,
+                bridge_id=self.bridge_id,
+            )
+        except RejectedMessage as exc2:
+            self.counters.inc(f"{prefix}.dead_letter_failed")
+            log.error("%s: cannot dead-letter either: %s", route.name, exc2)
+            return False
+        await self.publish_with_retry(route.name, route.dead_letter, out)
+        self.counters.inc(f"{prefix}.dead_lettered")
         return True
 
     async def _deliver(self, route: ToRoomRoute, d: RoomDelivery, envelope: Envelope) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, overload
 from livekit.protocol import models
 
 from bridge.room.packets import user_packet
-from bridge.room.rpc import RpcHandler
+from bridge.room.rpc import RpcFallbackHandler, RpcHandler
 from bridge.room.streams import (
     ByteStreamInfo,
     ByteStreamWriter,
@@ -244,6 +244,10 @@ class LocalParticipant:
     def unregister_rpc_method(self, method: str) -> None:
         """Stop answering `method` (callers then get UNSUPPORTED_METHOD)."""
         self._room._rpc.unregister_rpc_method(method)
+
+    def set_rpc_fallback_handler(self, fallback: RpcFallbackHandler | None) -> None:
+        """Resolve methods without a registered handler through `fallback` (see `RpcManager`)."""
+        self._room._rpc.set_fallback_handler(fallback)
 
     # --- our own state ---
 

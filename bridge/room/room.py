@@ -45,7 +45,7 @@ from bridge.room.events import (
 )
 from bridge.room.packets import ReceiveDeduper, decode, encode, received_user_packet
 from bridge.room.participant import LocalParticipant, RemoteParticipant
-from bridge.room.rpc import RpcManager
+from bridge.room.rpc import RpcFallbackHandler, RpcManager
 from bridge.room.signal import JoinParams, SignalClient, SignalClosedError
 from bridge.room.state import ParticipantDisconnected, RoomState
 from bridge.room.streams import ByteStreamHandler, StreamManager, TextStreamHandler
@@ -227,6 +227,10 @@ class Room:
     def set_fallback_byte_stream_handler(self, handler: ByteStreamHandler | None) -> None:
         """Handle byte streams of any topic that has no handler of its own."""
         self._streams.set_fallback_byte_handler(handler)
+
+    def set_fallback_rpc_handler(self, fallback: RpcFallbackHandler | None) -> None:
+        """Resolve RPC methods that have no registered handler (see `RpcManager`)."""
+        self._rpc.set_fallback_handler(fallback)
 
     async def connect(self, url: str, token: str) -> None:
         """Join the room at `url` with `token`; returns once data can flow both ways.

@@ -167,6 +167,9 @@ class RpcInvocationData:
 
 
 RpcHandler = Callable[[RpcInvocationData], Awaitable[str]]
+# Given a method name no handler is registered for, the handler to serve it, or None (the
+# caller then gets UNSUPPORTED_METHOD). Lets one component serve methods by pattern.
+RpcFallbackHandler = Callable[[str], RpcHandler | None]
 
 
 @dataclass(eq=False)
@@ -242,6 +245,7 @@ class RpcManager:
         self._ack_timeout = ack_timeout
         self._handler_grace = handler_grace
         self._methods: dict[str, RpcHandler] = {}
+        self._fallback: RpcFallbackHandler | None = None
         self._pending: dict[str, _PendingCall] = {}
         self._handler_tasks: set[asyncio.Task[None]] = set()
         self._reader_tasks: set[asyncio.Task[None]] = set()  # v2 response streams being read
@@ -288,6 +292,14 @@ class RpcManager:
     def unregister_rpc_method(self, method: str) -> None:
         """Stop serving `method` (no error if it was not registered)."""
         self._methods.pop(method, None)
+
+    def set_fallback_handler(self, fallback: RpcFallbackHandler | None) -> None:
+        """Consult `fallback(method)` for methods without a registered handler (None: stop).
+
+        It returns the handler to run, or None to answer UNSUPPORTED_METHOD. It is called on
+        the dispatch path, so it must be quick and must not block.
+        """
+        self._fallback = fallback
 
     # ------------------------------------------------------------------ caller side
 
@@ -602,6 +614,12 @@ class RpcManager:
         by the transport's flow control instead of piling up tasks.
         """
         handler = self._methods.get(method)
+        if handler is None and self._fallback is not None:
+            try:
+                handler = self._fallback(method)
+            except Exception:  # a broken resolver means "not served"
+                logger.exception("rpc: fallback handler failed for %s", method)
+                handler = None
         if handler is None:
             self._transport.counters.inc("rpc.unsupported_method")
             logger.debug("rpc: %s from %s: no such method", method, caller)

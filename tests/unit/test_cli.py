@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_check_accepts_the_example(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", str(ROOT / "config.example.yaml")]) == 0
-    assert "valid (5 connectors" in capsys.readouterr().out
+    assert "valid (7 connectors" in capsys.readouterr().out
 
 
 def test_check_exits_78_with_located_problems(
