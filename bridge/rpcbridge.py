@@ -549,11 +549,12 @@ class RpcBridge:
             log.warning("%s: cannot answer a request on %s: %s", route.name, envelope.topic, exc)
             # Like every undeliverable message: acknowledged only once it is in the dead-letter
             # destination; without one the bus keeps it (and shows it again on redelivery).
-            if route.dead_letter is not None and await self.bridge.dead_letter_envelope(
-                route, envelope, values, exc
-            ):
-                if ack:
-                    await inbound.ack()
+            dead_lettered = (
+                route.dead_letter is not None
+                and await self.bridge.dead_letter_envelope(route, envelope, values, exc)
+            )
+            if dead_lettered and ack:
+                await inbound.ack()
             return
         key = request.dedup_key
         if key is not None:
