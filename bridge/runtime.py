@@ -242,7 +242,12 @@ class RoomLink:
                 delay = _backoff(attempt)
                 attempt += 1
                 self.bridge.counters.inc("rooms.join_failed")
-                log.warning("room %s: join failed (%s); retrying in %.1f s", self.name, exc, delay)
+                # A rejected token or a missing room needs someone to act: say so loudly, but keep
+                # trying (credentials get rotated, rooms get created).
+                level = logging.WARNING if exc.retriable else logging.ERROR
+                log.log(
+                    level, "room %s: join failed (%s); retrying in %.1f s", self.name, exc, delay
+                )
                 await room.disconnect()
                 await asyncio.sleep(delay)
                 continue
