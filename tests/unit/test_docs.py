@@ -23,3 +23,24 @@ def test_reference_names_every_top_level_and_livekit_key() -> None:
         assert f"| `{key}` |" in ref
     for key in Config.model_fields["livekit"].annotation.model_fields:  # type: ignore[union-attr]
         assert f"| `livekit.{key}` |" in ref
+
+
+def test_readme_connector_examples_are_valid() -> None:
+    """Every ```yaml block of the README that lists connectors validates as written."""
+    import re
+
+    from bridge.config import parse_config
+
+    secret = "a-secret-of-at-least-32-characters!"
+    head = f"""\
+livekit: {{url: ws://127.0.0.1:7880, api_key: k, api_secret: {secret}, rooms: [plant-berlin]}}
+mqtt: {{plant: {{host: 127.0.0.1}}}}
+kafka: {{main: {{bootstrap_servers: [127.0.0.1:9092]}}}}
+"""
+    blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(), re.S)
+    checked = 0
+    for block in blocks:
+        body = block if block.startswith("connectors:") else "connectors:\n" + block
+        parse_config(head + body, "README.md")
+        checked += 1
+    assert checked >= 3
