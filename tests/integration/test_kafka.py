@@ -245,7 +245,7 @@ async def test_max_in_flight_pauses_fetching_until_acked(kafka: Kafka) -> None:
         started = time.monotonic()
         nxt = await pump.get(timeout=5)
         assert int(nxt.envelope.payload) == 10
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 4  # a slot freed, not stuck
         with pytest.raises(TimeoutError):
             await pump.get(timeout=1.0)
         for item in [*first, nxt]:

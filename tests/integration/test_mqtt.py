@@ -547,7 +547,7 @@ async def test_connect_timeout_error() -> None:
         started = time.monotonic()
         with pytest.raises(MqttConnectTimeoutError) as info:
             await connector.start()
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 8  # connect_timeout 0.5, not the 10 s default
         assert "no answer within 0.5 s" in str(info.value) and info.value.retriable
     finally:
         server.close()

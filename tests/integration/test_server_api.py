@@ -399,7 +399,7 @@ async def test_perform_rpc(
         with pytest.raises(RpcError) as err:
             await server_api.perform_rpc(room_name, "alice", "slow", "x", response_timeout=1.0)
         assert err.value.code == RpcError.RESPONSE_TIMEOUT
-        assert time.monotonic() - started < 2.5
+        assert time.monotonic() - started < 8  # the 1 s timeout, not the 10 s default
 
         with pytest.raises(RpcError) as err:
             await server_api.perform_rpc(room_name, "alice", "echo", "x" * 15_361)
@@ -504,7 +504,7 @@ async def test_nothing_listening_is_unreachable_quickly() -> None:
         started = time.monotonic()
         with pytest.raises(ServerUnreachableError, match=r"ListRooms .*cannot reach") as err:
             await nowhere.list_rooms()
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 8  # refused at once, not hung
         assert err.value.retriable
 
 

@@ -328,7 +328,7 @@ async def test_response_timeout_both_ways(
                 )
             ),
         )
-        assert time.monotonic() - started < 1.4
+        assert time.monotonic() - started < 5  # the 0.5 s timeout, not the 15 s default
         assert (ours_got.code, ours_got.message) == (1502, "Response timeout")
         assert (sdk_got.code, sdk_got.message) == (1502, "Response timeout")
         # The SDK's answer arrives after we gave up: dropped and counted, nothing else happens.

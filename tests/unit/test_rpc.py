@@ -615,7 +615,7 @@ async def test_ack_timeout_for_unknown_or_silent_participant(net: Network) -> No
         with pytest.raises(RpcError) as err:
             await a.rpc.perform_rpc(destination_identity=dest, method="echo", payload="x")
         assert err.value.code == RpcError.CONNECTION_TIMEOUT
-        assert 0.09 < time.monotonic() - started < 1.0
+        assert 0.09 < time.monotonic() - started < 5  # the configured ack timeout, not 7 s
     # The unknown identity got a v1 request (like the SDKs), the v2 participant a stream.
     assert [dest for dest, _ in net.outside] == ["ghost"]
     assert net.outside[0][1].rpc_request.version == 1
@@ -638,7 +638,7 @@ async def test_response_timeout_then_late_response_is_counted(net: Network) -> N
             destination_identity="b", method="slow", payload="x", response_timeout=0.2
         )
     assert err.value.code == RpcError.RESPONSE_TIMEOUT
-    assert 0.19 < time.monotonic() - started < 1.0
+    assert 0.19 < time.monotonic() - started < 5  # the 0.2 s timeout, not 15 s
     assert a.counters["rpc.late_response"] == 0
     release.set()
     await until(lambda: a.counters["rpc.late_response"] == 1)
