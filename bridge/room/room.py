@@ -110,6 +110,9 @@ class _Session:
         self.reliable: FlowControlledChannel | None = None
         self.lossy: FlowControlledChannel | None = None
         self.channels_open = asyncio.Event()
+        # The server's `_reliable` channel on the subscriber connection: downstream data (and
+        # server-initiated RPC, refused with "data channel is not available" until it is open).
+        self.downstream_open = asyncio.Event()
         self.next_seq = 1
         self.offer_id = 0
         self.lost = False
@@ -413,14 +416,14 @@ class Room:
                 rtc.SignalTarget.SUBSCRIBER,
                 config,
                 self.counters,
-                on_datachannel=self._on_datachannel,
+                on_datachannel=lambda channel: self._on_datachannel(session, channel),
                 on_failed=lambda why: self._session_lost(session, why, True),
             )
             session.publisher = PeerTransport(
                 rtc.SignalTarget.PUBLISHER,
                 config,
                 self.counters,
-                on_datachannel=self._on_datachannel,
+                on_datachannel=lambda channel: self._on_datachannel(session, channel),
                 on_failed=lambda why: self._session_lost(session, why, True),
             )
             self._prepare_publisher(session)
@@ -429,8 +432,12 @@ class Room:
             await self._negotiate_publisher(session)
             try:
                 async with asyncio.timeout(self.options.webrtc_timeout):
-                    await session.subscriber.connected.wait()
                     await session.channels_open.wait()
+                    if join.subscriber_primary:
+                        # Otherwise (a token without canSubscribe) the server sends no offer and
+                        # downstream data comes on the publisher's own channels.
+                        await session.subscriber.connected.wait()
+                        await session.downstream_open.wait()
             except TimeoutError as exc:
                 raise ServerUnreachableError(
                     f"room: WebRTC to {self._url} did not connect within "
@@ -478,9 +485,14 @@ class Room:
         offer = rtc.SessionDescription(type="offer", sdp=sdp, id=session.offer_id)
         await session.signal.send(rtc.SignalRequest(offer=offer))
 
-    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+    def _on_datachannel(self, session: _Session, channel: RTCDataChannel) -> None:
         # Server-created channels on the subscriber connection: where downstream data arrives.
         self._attach_receiver(channel)
+        if channel.label == "_reliable":
+            if channel.readyState == "open":
+                session.downstream_open.set()
+            else:
+                channel.on("open", session.downstream_open.set)
 
     def _attach_receiver(self, channel: RTCDataChannel) -> None:
         label = channel.label

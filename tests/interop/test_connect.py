@@ -139,3 +139,26 @@ async def test_peer_sdk_sees_our_data_after_join(
             await ours.local_participant.publish_data(b"first", topic="t")
             packet = await asyncio.wait_for(got.get(), 10)
             assert (packet.data, packet.topic) == (b"first", "t")
+
+
+async def test_token_without_subscribe_grant_still_exchanges_data(
+    livekit_server: LiveKitServer, room_name: str
+) -> None:
+    # No canSubscribe: the server runs the publisher-primary flow (no subscriber offer) and
+    # sends downstream data on our own publisher channels.
+    grants = api.VideoGrants(
+        room_join=True, room=room_name, can_subscribe=False, can_publish_data=True
+    )
+    async with sdk_peer(livekit_server, room_name, "sdk") as sdk:
+        ours = Room()
+        await ours.connect(
+            livekit_server.url, make_token(livekit_server, room_name, "nosub", grants=grants)
+        )
+        try:
+            got: asyncio.Queue[rtc.DataPacket] = asyncio.Queue()
+            sdk.on("data_received", got.put_nowait)
+            await eventually(lambda: "nosub" in sdk.remote_participants, what="sdk sees us")
+            await ours.local_participant.publish_data(b"up", topic="t")
+            assert (await asyncio.wait_for(got.get(), 10)).data == b"up"
+        finally:
+            await ours.disconnect()
