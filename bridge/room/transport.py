@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from collections.abc import Callable, Sequence
 
 from aiortc import (
@@ -28,6 +29,42 @@ from livekit.protocol import rtc
 from bridge.room.types import Counters
 
 log = logging.getLogger("roombus.room.transport")
+
+# Receive buffer asked for each ICE UDP socket. Python reads the socket between other work; at
+# full speed the kernel's default (~200 KB, about 90 packets) overflows and the dropped packets
+# come back only through SCTP retransmission timers (1 s gaps). The kernel caps the request at
+# net.core.rmem_max unless we may force it (root).
+UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+
+
+def enlarge_receive_buffers(pc: RTCPeerConnection) -> int:
+    """Ask for `UDP_RECEIVE_BUFFER` on every ICE socket of `pc`; returns how many were set.
+
+    Best effort: aioice keeps its sockets private, so a layout change just leaves the defaults.
+    """
+    # Data-only connections bundle everything on the SCTP transport's DTLS/ICE transports.
+    if pc.sctp is None:
+        return 0
+    try:
+        protocols = pc.sctp.transport.transport.iceGatherer._connection._protocols
+    except AttributeError:
+        return 0
+    done = 0
+    for protocol in protocols:
+        transport = getattr(protocol, "transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None:
+            continue
+        for option in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+            if option is None:
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, UDP_RECEIVE_BUFFER)
+            except OSError:
+                continue
+            done += 1
+            break
+    return done
 
 
 def ice_configuration(servers: Sequence[rtc.ICEServer]) -> RTCConfiguration:
@@ -91,11 +128,13 @@ class PeerTransport:
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         await self._remote_description_set()
         await self.pc.setLocalDescription(await self.pc.createAnswer())
+        enlarge_receive_buffers(self.pc)
         return str(self.pc.localDescription.sdp)
 
     async def offer(self) -> str:
         """Create our offer (gathering candidates into it) and return its SDP."""
         await self.pc.setLocalDescription(await self.pc.createOffer())
+        enlarge_receive_buffers(self.pc)
         return str(self.pc.localDescription.sdp)
 
     async def apply_answer(self, answer_sdp: str) -> None:
