@@ -24,7 +24,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
@@ -1070,6 +1070,3 @@ class Bridge:
                 "no_server_api", "this delivery needs livekit.api_key and api_secret"
             )
         return self._server_api
-
-
-Factory = Callable[[Config], Buses]

@@ -21,7 +21,6 @@ from bridge.room.streams import (
     TextStreamInfo,
     TextStreamWriter,
 )
-from bridge.room.types import DataPacketKind
 
 if TYPE_CHECKING:
     from bridge.room.room import Room
@@ -269,6 +268,3 @@ class LocalParticipant:
 
     def __repr__(self) -> str:
         return f"LocalParticipant(identity={self.identity!r}, sid={self.sid!r})"
-
-
-__all__ = ["DataPacketKind", "LocalParticipant", "RemoteParticipant"]

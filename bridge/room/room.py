@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -767,8 +766,3 @@ class Room:
 
     def __repr__(self) -> str:
         return f"Room(name={self.name!r}, state={self._connection_state!r})"
-
-
-def new_request_id() -> str:
-    """A fresh id for requests that need a unique string."""
-    return str(uuid.uuid4())
