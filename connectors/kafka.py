@@ -667,6 +667,10 @@ class KafkaSource:
         self.counters: Counter[str] = Counter()
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self._consumer: AIOKafkaConsumer | None = None
+        # Partitions whose fetch position is known (committed offset or the reset policy):
+        # until then a record produced now may still fall before a "latest" position.
+        self._positioned: frozenset[TopicPartition] = frozenset()
+        self._position_task: asyncio.Task[None] | None = None
         self._commit_task: asyncio.Task[None] | None = None
         self._commit_lock = asyncio.Lock()
         self._lifecycle = asyncio.Lock()
@@ -698,8 +702,14 @@ class KafkaSource:
 
     @property
     def assigned(self) -> bool:
-        """Whether the group gave this member partitions (it consumes only from then on)."""
-        return self._consumer is not None and bool(self._consumer.assignment())
+        """Whether this member has partitions and knows where it reads them from.
+
+        From then on every record produced to them is consumed.
+        """
+        if self._consumer is None:
+            return False
+        assignment = self._consumer.assignment()
+        return bool(assignment) and assignment <= self._positioned
 
     async def start(self) -> None:
         """Connect, check the topics exist, and join the group; idempotent.
@@ -781,11 +791,13 @@ class KafkaSource:
                 return
             self._stopping = True
             self._acked.set()  # wake messages() if it waits for acks
-            task, self._commit_task = self._commit_task, None
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            for task in (self._commit_task, self._position_task):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            self._commit_task = self._position_task = None
+            self._positioned = frozenset()
             if commit:
                 await self.commit()
             self._consumer = None
@@ -839,6 +851,24 @@ class KafkaSource:
         log.info(
             "%s: assigned %s", self.name, ", ".join(f"{t.topic}-{t.partition}" for t in assigned)
         )
+        self._positioned = frozenset()
+        if self._position_task is not None:
+            self._position_task.cancel()
+        self._position_task = asyncio.create_task(
+            self._establish_positions(assigned), name=f"{self.name}-positions"
+        )
+
+    async def _establish_positions(self, assigned: list[TopicPartition]) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        try:
+            for tp in assigned:
+                await consumer.position(tp)  # resolves the committed offset or the reset policy
+        except Exception as exc:  # noqa: BLE001 - a revoked partition or a stopping consumer
+            log.debug("%s: positions not established: %r", self.name, exc)
+            return
+        self._positioned = frozenset(assigned)
 
     async def messages(self) -> AsyncIterator[Inbound]:
         """Records as `Inbound` messages, in order per partition, until `stop`.
