@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 # Provenance header names (Kafka headers, MQTT 5 user properties, stream attributes).
@@ -70,18 +70,3 @@ class Outbound:
     message_expiry: int | None = None  # seconds (MQTT 5)
     response_topic: str | None = None
     correlation_data: bytes | None = None
-
-
-Ack = Callable[[], Awaitable[None]]
-
-
-@dataclass(frozen=True, slots=True)
-class Inbound:
-    """A message from a source, with the acknowledgement to call once every sink accepted it.
-
-    The acknowledgement is the Kafka offset commit or the MQTT PUBACK; a message never
-    acknowledged is redelivered.
-    """
-
-    envelope: Envelope
-    ack: Ack

@@ -33,6 +33,7 @@ from bridge.config import (
     route_placeholders,
 )
 from bridge.envelope import H_CONTENT_TYPE, H_SOURCE, Envelope, Outbound
+from bridge.errors import RejectedMessage
 from bridge.topics import (
     Target,
     Template,
@@ -46,15 +47,6 @@ from bridge.topics import (
 # Largest JSON envelope the bridge parses (bytes) and its deepest nesting.
 MAX_JSON_BYTES = 16 * 1024 * 1024
 MAX_JSON_DEPTH = 64
-
-
-class RejectedMessage(Exception):
-    """A message that cannot go along its route; `reason` is a short metric-friendly word."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)

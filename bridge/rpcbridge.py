@@ -84,6 +84,7 @@ from bridge.config import (
     MqttReply,
     RpcTo,
 )
+from bridge.endpoint import Inbound
 from bridge.envelope import (
     H_PARTICIPANT,
     H_PARTICIPANT_SID,
@@ -92,12 +93,12 @@ from bridge.envelope import (
     H_SOURCE,
     H_TIMESTAMP,
     Envelope,
-    Inbound,
     Outbound,
 )
+from bridge.errors import RejectedMessage
 from bridge.room.errors import RpcError
 from bridge.room.rpc import RpcHandler, RpcInvocationData
-from bridge.router import MAX_JSON_BYTES, RejectedMessage, ToBusRoute, ToRoomRoute, decode_payload
+from bridge.router import MAX_JSON_BYTES, ToBusRoute, ToRoomRoute, decode_payload
 from bridge.topics import Target, TemplateValueError, glob_match
 
 if TYPE_CHECKING:
@@ -513,7 +514,7 @@ class RpcBridge:
         route: ToRoomRoute,
         envelope: Envelope,
         values: dict[str, str],
-        inbound: Inbound,
+        inbound: Inbound[Envelope],
         *,
         ack: bool,
     ) -> None:
@@ -538,7 +539,7 @@ class RpcBridge:
         route: ToRoomRoute,
         envelope: Envelope,
         values: dict[str, str],
-        inbound: Inbound,
+        inbound: Inbound[Envelope],
         ack: bool,
     ) -> None:
         prefix = f"route.{route.name}"

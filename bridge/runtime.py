@@ -30,6 +30,7 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from bridge.config import Config, MqttFrom
+from bridge.endpoint import Inbound
 from bridge.envelope import (
     H_CONTENT_TYPE,
     H_KIND,
@@ -42,9 +43,9 @@ from bridge.envelope import (
     H_TIMESTAMP,
     H_TOPIC,
     Envelope,
-    Inbound,
     Outbound,
 )
+from bridge.errors import RejectedMessage
 from bridge.room.errors import (
     ConnectError,
     DataPacketTooLargeError,
@@ -66,7 +67,6 @@ from bridge.room.streams import ByteStreamReader, TextStreamReader
 from bridge.room.types import Counters, DataPacketKind
 from bridge.router import (
     BusTarget,
-    RejectedMessage,
     RoomDelivery,
     RoomMessage,
     ToBusRoute,
@@ -897,9 +897,9 @@ class Bridge:
             await self._handle_inbound(source.name, inbound, routes)
 
     async def _handle_inbound(
-        self, source: str, inbound: Inbound, routes: list[ToRoomRoute]
+        self, source: str, inbound: Inbound[Envelope], routes: list[ToRoomRoute]
     ) -> None:
-        envelope = inbound.envelope
+        envelope = inbound.message
         if envelope.headers.get(H_SOURCE) == self.bridge_id:
             self.counters.inc("loop.skipped")
             await inbound.ack()

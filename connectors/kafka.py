@@ -13,7 +13,7 @@ least once; duplicates bounded by the in-flight window).
 
 Errors (``retriable`` is data on every one; messages say "who: what failed: why")::
 
-    ConnectorError (connectors/errors.py)
+    ConnectorError (bridge/errors.py)
     └── KafkaConnectorError        anything this connector raises (alias KafkaError)
         ├── KafkaConfigError       settings that can never work (bad combination, no library)
         ├── KafkaConnectError      bootstrap failed: unreachable, refused, TLS (retriable)
@@ -50,8 +50,9 @@ from aiokafka import errors as kerrors
 from aiokafka.conn import create_conn
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
-from bridge.envelope import H_CONTENT_TYPE, Ack, Envelope, Inbound, Outbound
-from connectors.errors import ConnectorError
+from bridge.endpoint import Ack, Inbound
+from bridge.envelope import H_CONTENT_TYPE, Envelope, Outbound
+from bridge.errors import ConnectorError, RejectedMessage
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class KafkaConnectorError(ConnectorError):
     """Base of every error the Kafka connector raises."""
 
 
-# The name connectors/errors.py draws in its tree (ours avoids a clash with aiokafka's).
+# The name bridge/errors.py draws in its tree (ours avoids a clash with aiokafka's).
 KafkaError = KafkaConnectorError
 
 
@@ -870,7 +871,7 @@ class KafkaSource:
             return
         self._positioned = frozenset(assigned)
 
-    async def messages(self) -> AsyncIterator[Inbound]:
+    async def messages(self) -> AsyncIterator[Inbound[Envelope]]:
         """Records as `Inbound` messages, in order per partition, until `stop`.
 
         Raises:
@@ -916,7 +917,11 @@ class KafkaSource:
                         break
                     state.delivered(record.offset)
                     self.counters["kafka.received"] += 1
-                    yield Inbound(self._envelope(tp, record), self._make_ack(state, record.offset))
+                    yield Inbound(
+                        self._envelope(tp, record),
+                        self._make_ack(state, record.offset),
+                        f"{tp.topic}/{tp.partition}",
+                    )
 
     def _set_paused(self, consumer: AIOKafkaConsumer, pause: bool) -> None:
         if pause and not self._paused:
@@ -932,7 +937,11 @@ class KafkaSource:
             consumer.pause(*consumer.assignment())
 
     def _make_ack(self, state: PartitionOffsets, offset: int) -> Ack:
-        async def ack() -> None:
+        async def ack(error: RejectedMessage | None = None) -> None:
+            # A nack settles the record too: the bridge gave up on it (dead-lettered or
+            # dropped), so the commit moves past it instead of freezing the partition.
+            if error is not None:
+                self.counters["kafka.nacked"] += 1
             if state.revoked:
                 self.counters["kafka.ack_after_revoke"] += 1
                 return

@@ -71,8 +71,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from bridge.envelope import Envelope, Inbound, Outbound
-from connectors.errors import ConnectorError
+from bridge.endpoint import Inbound
+from bridge.envelope import Envelope, Outbound
+from bridge.errors import ConnectorError, RejectedMessage
 
 log = logging.getLogger("roombus.mqtt")
 
@@ -421,7 +422,7 @@ def _describe_os_error(exc: OSError) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class MqttInbound(Inbound):
+class MqttInbound(Inbound[Envelope]):
     """An `Inbound` with the MQTT delivery details the envelope has no field for.
 
     Attributes:
@@ -719,7 +720,7 @@ class MqttConnector:
         self._client = None
         log.info("%s: stopped", self.name)
 
-    async def messages(self) -> AsyncIterator[Inbound]:
+    async def messages(self) -> AsyncIterator[Inbound[Envelope]]:
         """Received messages (`MqttInbound`), in arrival order, until the connector stops.
 
         Call `ack()` on each once every sink accepted it; unacknowledged QoS 1/2 messages are
@@ -1241,10 +1242,14 @@ class MqttConnector:
         if message.dup:
             self.counters["mqtt.received_dup"] += 1
 
-        async def ack() -> None:
+        async def ack(error: RejectedMessage | None = None) -> None:
+            if error is not None:
+                self.counters["mqtt.nacked"] += 1
             self._ack(delivery)
 
-        inbound = MqttInbound(envelope=envelope, ack=ack, dup=bool(message.dup), mid=message.mid)
+        inbound = MqttInbound(
+            message=envelope, ack=ack, key=envelope.topic, dup=bool(message.dup), mid=message.mid
+        )
         self._rx.append((inbound, delivery))
         self._rx_ready.set()
         self._check_backpressure()

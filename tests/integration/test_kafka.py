@@ -19,7 +19,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from bridge.envelope import Inbound, Outbound
+from bridge.endpoint import Inbound
+from bridge.envelope import Envelope, Outbound
 from connectors.kafka import (
     H_KAFKA_TOMBSTONE,
     KafkaAuthError,
@@ -48,18 +49,18 @@ class Pump:
     """
 
     def __init__(self, source: KafkaSource) -> None:
-        self.queue: asyncio.Queue[Inbound] = asyncio.Queue()
+        self.queue: asyncio.Queue[Inbound[Envelope]] = asyncio.Queue()
         self.task = asyncio.create_task(self._run(source), name=f"pump:{source.name}")
 
     async def _run(self, source: KafkaSource) -> None:
         async for item in source.messages():
             self.queue.put_nowait(item)
 
-    async def get(self, timeout: float = 20.0) -> Inbound:
+    async def get(self, timeout: float = 20.0) -> Inbound[Envelope]:
         async with asyncio.timeout(timeout):
             return await self.queue.get()
 
-    async def take(self, n: int, timeout: float = 30.0) -> list[Inbound]:
+    async def take(self, n: int, timeout: float = 30.0) -> list[Inbound[Envelope]]:
         async with asyncio.timeout(timeout):
             return [await self.queue.get() for _ in range(n)]
 
@@ -84,8 +85,8 @@ async def publish_numbered(sink: KafkaSink, topic: str, n: int, start: int = 0) 
         await sink.publish(Outbound(topic=topic, payload=str(i).encode(), key=b"k"))
 
 
-def numbers(items: list[Inbound]) -> list[int]:
-    return [int(item.envelope.payload) for item in items]
+def numbers(items: list[Inbound[Envelope]]) -> list[int]:
+    return [int(item.message.payload) for item in items]
 
 
 async def committed_offsets(bootstrap: str, group: str) -> dict[int, int]:
@@ -132,7 +133,7 @@ async def test_round_trip_key_headers_content_type_and_tombstone(kafka: Kafka) -
     source = KafkaSource("kafka:in", settings, [topic], unique("g"), auto_offset_reset="earliest")
     async with consuming(source) as pump:
         first, tomb, third = await pump.take(3)
-        env = first.envelope
+        env = first.message
         assert env.payload == b"\x00\xffhello"
         assert env.key == b"room-1"
         assert env.source == "kafka:in" and env.topic == topic
@@ -143,9 +144,9 @@ async def test_round_trip_key_headers_content_type_and_tombstone(kafka: Kafka) -
         }
         assert env.content_type == "application/octet-stream"
         assert env.id == f"{topic}-0@0"
-        assert tomb.envelope.payload == b""
-        assert tomb.envelope.headers == {H_KAFKA_TOMBSTONE: "true"}
-        assert third.envelope.headers == {"good": "ok"}
+        assert tomb.message.payload == b""
+        assert tomb.message.headers == {H_KAFKA_TOMBSTONE: "true"}
+        assert third.message.headers == {"good": "ok"}
         assert source.counters["kafka.header_undecodable"] == 1
         assert source.counters["kafka.tombstones"] == 1
         for item in (first, tomb, third):
@@ -244,7 +245,7 @@ async def test_max_in_flight_pauses_fetching_until_acked(kafka: Kafka) -> None:
         await first[4].ack()
         started = time.monotonic()
         nxt = await pump.get(timeout=5)
-        assert int(nxt.envelope.payload) == 10
+        assert int(nxt.message.payload) == 10
         assert time.monotonic() - started < 4  # a slot freed, not stuck
         with pytest.raises(TimeoutError):
             await pump.get(timeout=1.0)
@@ -383,7 +384,7 @@ async def test_sasl_plain_good_and_bad_credentials(private_kafka: SaslKafka) -> 
         await sink.publish(Outbound(topic=topic, payload=b"over sasl"))
     source = KafkaSource("kafka:sasl", good, [topic], unique("g"), auto_offset_reset="earliest")
     async with consuming(source) as pump:
-        assert (await pump.get()).envelope.payload == b"over sasl"
+        assert (await pump.get()).message.payload == b"over sasl"
 
     bad = KafkaSettings(
         [private_kafka.sasl_bootstrap],
@@ -448,7 +449,7 @@ async def test_broker_restart_during_publishing_loses_nothing_acknowledged(
     async with consuming(source) as pump:
         async with asyncio.timeout(60):
             while set(seen) < set(acked):
-                seen.append(int((await pump.get()).envelope.payload))
+                seen.append(int((await pump.get()).message.payload))
     lost = set(acked) - set(seen)
     duplicates = len(seen) - len(set(seen))
     print(f"restart: {len(acked)} acked, {len(seen)} consumed, {duplicates} duplicates")
@@ -483,8 +484,8 @@ async def test_publish_raises_after_delivery_timeout_and_recovers(
                     continue
     source = KafkaSource("kafka:in", settings, [topic], unique("g"), auto_offset_reset="earliest")
     async with consuming(source) as pump:
-        got = [(await pump.get()).envelope.payload for _ in range(2)]
+        got = [(await pump.get()).message.payload for _ in range(2)]
         # "during" may or may not have been written before the timeout; "after" must be there.
         while got[-1] != b"after":
-            got.append((await pump.get()).envelope.payload)
+            got.append((await pump.get()).message.payload)
     assert got[0] == b"before" and got[-1] == b"after"

@@ -21,7 +21,8 @@ from typing import Any, Literal
 
 import pytest
 
-from bridge.envelope import Inbound, Outbound
+from bridge.endpoint import Inbound
+from bridge.envelope import Envelope, Outbound
 from connectors.mqtt import (
     MqttAuthError,
     MqttConnector,
@@ -84,7 +85,7 @@ class Inbox:
                 await inbound.ack()
 
     def payloads(self) -> list[bytes]:
-        return [i.envelope.payload for i in self.items]
+        return [i.message.payload for i in self.items]
 
     async def wait_for(self, n: int, timeout: float = 10.0) -> list[MqttInbound]:
         await eventually(
@@ -245,8 +246,8 @@ async def test_publish_and_receive_each_qos(
             await pub.publish(Outbound(topic=f"{base}/{i}", payload=f"m{i}".encode(), qos=qos))
         got = await inbox.wait_for(5)
         await inbox.close()
-    assert [g.envelope.payload for g in got] == [f"m{i}".encode() for i in range(5)]
-    env = got[3].envelope
+    assert [g.message.payload for g in got] == [f"m{i}".encode() for i in range(5)]
+    env = got[3].message
     assert (env.topic, env.qos, env.source, env.retain) == (f"{base}/3", qos, "mqtt:sub", False)
     assert (got[3].mid == 0) == (qos == 0)
     assert pub.counters["mqtt.published"] == 5
@@ -273,7 +274,7 @@ async def test_mqtt5_properties_round_trip(mosquitto: Mosquitto) -> None:
         )
         (got,) = await inbox.wait_for(1)
         await inbox.close()
-    env = got.envelope
+    env = got.message
     assert env.payload == b"\x00\xffbinary"
     assert dict(env.headers) == {"lk-room": "lobby", "lk-participant": "José ✓"}
     assert env.content_type == "application/octet-stream"
@@ -297,7 +298,7 @@ async def test_mqtt311_drops_mqtt5_fields_and_counts_them(mosquitto: Mosquitto) 
             )
         got = await inbox.wait_for(2)
         await inbox.close()
-    assert dict(got[0].envelope.headers) == {} and got[0].envelope.correlation_data is None
+    assert dict(got[0].message.headers) == {} and got[0].message.correlation_data is None
     assert pub.counters["mqtt.v5_field_dropped.headers"] == 2
     assert pub.counters["mqtt.v5_field_dropped.correlation_data"] == 2
     assert pub.counters["mqtt.v5_field_dropped.content_type"] == 0
@@ -317,11 +318,11 @@ async def test_retained_set_and_clear(mosquitto: Mosquitto, protocol: Protocol) 
         ) as late:
             inbox = Inbox(late)
             (got,) = await inbox.wait_for(1)
-            assert (got.envelope.payload, got.envelope.retain) == (b"on", True)
+            assert (got.message.payload, got.message.retain) == (b"on", True)
             # A live message on the same topic is not "retained" to an existing subscriber.
             await pub.publish(Outbound(topic=topic, payload=None, retain=True))
             live = (await inbox.wait_for(2))[1]
-            assert (live.envelope.payload, live.envelope.retain) == (b"", False)
+            assert (live.message.payload, live.message.retain) == (b"", False)
             await inbox.close()
         async with running(
             "mqtt:later",
@@ -353,7 +354,7 @@ async def test_resubscribe_on_reconnect_does_not_replay_retained(mosquitto: Mosq
             await inbox.close()
         await pub.publish(Outbound(topic=topic, payload=None, retain=True))
     # A redelivery (DUP) is legitimate; a retained replay (not DUP) would be the bug.
-    assert [i.envelope.payload for i in inbox.items if not i.dup] == [b"v1", b"v2"]
+    assert [i.message.payload for i in inbox.items if not i.dup] == [b"v1", b"v2"]
     assert sub.counters["mqtt.subscribed"] == 2  # subscribed again after the reconnect
 
 
@@ -383,7 +384,7 @@ async def test_unacked_message_is_redelivered_after_connection_drop(
         await asyncio.sleep(0.2)  # let the PUBACK reach the broker
         proxy.cut()
         again = (await inbox.wait_for(3))[2]
-        assert again.envelope.payload == b"two"
+        assert again.message.payload == b"two"
         assert again.dup and not first[1].dup
         await first[1].ack()  # stale: from the old connection; the redelivered copy counts
         assert sub.counters["mqtt.ack_stale"] == 1
@@ -639,7 +640,7 @@ async def test_payload_over_broker_maximum_packet_size_is_refused(tmp_path: Path
             await pub.publish(Outbound(topic=topic, payload=b"y" * fits))
             (got,) = await inbox.wait_for(1)
             await inbox.close()
-            assert len(got.envelope.payload) == fits and pub.connected
+            assert len(got.message.payload) == fits and pub.connected
 
 
 # ---- bounds and backpressure --------------------------------------------------------------
@@ -725,7 +726,7 @@ async def test_start_and_stop_are_idempotent(mosquitto: Mosquitto) -> None:
     await connector.stop()
     await connector.stop()
     assert not connector.connected
-    messages: list[Inbound] = [m async for m in connector.messages()]
+    messages: list[Inbound[Envelope]] = [m async for m in connector.messages()]
     assert messages == []
 
 

@@ -135,7 +135,7 @@ def test_settings_accept_comma_list_and_hide_password() -> None:
 
 
 def test_errors_carry_retriable_as_data_and_share_the_connector_root() -> None:
-    from connectors.errors import ConnectorError
+    from bridge.errors import ConnectorError
     from connectors.kafka import (
         KafkaAuthError,
         KafkaConnectError,

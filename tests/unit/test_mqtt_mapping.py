@@ -12,7 +12,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.envelope import Outbound
-from connectors.errors import ConnectorError
+from bridge.errors import ConnectorError
 from connectors.mqtt import (
     MqttAuthError,
     MqttRefusedError,

@@ -10,8 +10,9 @@ import pytest
 
 from bridge.config import ConfigError, parse_config
 from bridge.envelope import Envelope
+from bridge.errors import RejectedMessage
 from bridge.room.errors import RpcError
-from bridge.router import RejectedMessage, ToBusRoute, ToRoomRoute, compile_routes
+from bridge.router import ToBusRoute, ToRoomRoute, compile_routes
 from bridge.rpcbridge import ReplyCache, RpcOutcome, parse_reply, parse_request
 
 HEAD = """\
