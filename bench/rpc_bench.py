@@ -33,9 +33,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bridge.cli import build_buses
+from bridge.app import build_bridge
 from bridge.config import parse_config
-from bridge.runtime import Bridge
 from tests.conftest import make_token
 from tests.services import LiveKitServer, Mosquitto
 
@@ -175,7 +174,7 @@ connectors:
         return data.payload
 
     callee.local_participant.register_rpc_method("echo", echo)
-    bridge = Bridge(config, build_buses(config))
+    bridge = build_bridge(config)
     stop = asyncio.Event()
     task = asyncio.create_task(bridge.run(stop))
     requester = Requester(broker.port)

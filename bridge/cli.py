@@ -20,18 +20,10 @@ import sys
 from collections.abc import Sequence
 
 from bridge import __version__
-from bridge.config import (
-    Config,
-    ConfigError,
-    KafkaFrom,
-    KafkaTo,
-    MqttFrom,
-    MqttTo,
-    json_schema,
-    load_config,
-)
+from bridge.app import build_bridge
+from bridge.config import Config, ConfigError, json_schema, load_config
+from bridge.errors import ConnectorError
 from bridge.health import HealthServer
-from bridge.runtime import Bridge, Buses
 
 log = logging.getLogger("roombus")
 
@@ -97,84 +89,6 @@ def setup_logging(level: str, fmt: str) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def build_buses(config: Config) -> Buses:
-    """The bus connectors the configuration uses (only those)."""
-    from connectors.kafka import KafkaSettings, KafkaSink, KafkaSource
-    from connectors.mqtt import MqttConnector, MqttSettings
-
-    buses = Buses()
-    used_mqtt: set[str] = set()
-    used_kafka_sinks: set[str] = set()
-    for connector in config.connectors:
-        for end in (connector.from_, connector.to, connector.dead_letter):
-            if isinstance(end, (MqttFrom, MqttTo)):
-                used_mqtt.add(end.mqtt)
-            if isinstance(end, KafkaTo):
-                used_kafka_sinks.add(end.kafka)
-    for name in sorted(used_mqtt):
-        broker = config.mqtt[name]
-        tls = broker.tls
-        buses.mqtt[name] = MqttConnector(
-            f"mqtt:{name}",
-            MqttSettings(
-                host=broker.host,
-                port=broker.port,
-                client_id=broker.client_id or f"roombus-{name}",
-                protocol=broker.protocol,
-                username=broker.username,
-                password=broker.password,
-                tls=tls is not None,
-                ca_file=tls.ca_file if tls else None,
-                cert_file=tls.cert_file if tls else None,
-                key_file=tls.key_file if tls else None,
-                tls_insecure=tls.insecure if tls else False,
-                keepalive=broker.keepalive,
-                clean_start=broker.clean_start,
-                session_expiry=broker.session_expiry,
-                max_inflight=broker.max_inflight,
-            ),
-        )
-
-    def kafka_settings(name: str) -> KafkaSettings:
-        cluster = config.kafka[name]
-        tls, sasl = cluster.tls, cluster.sasl
-        if sasl is not None:
-            protocol = "SASL_SSL" if tls is not None else "SASL_PLAINTEXT"
-        else:
-            protocol = "SSL" if tls is not None else "PLAINTEXT"
-        return KafkaSettings(
-            bootstrap_servers=cluster.bootstrap_servers,
-            client_id=cluster.client_id,
-            security_protocol=protocol,  # type: ignore[arg-type]
-            sasl_mechanism=sasl.mechanism if sasl else None,
-            username=sasl.username if sasl else None,
-            password=sasl.password if sasl else None,
-            ca_file=tls.ca_file if tls else None,
-            cert_file=tls.cert_file if tls else None,
-            key_file=tls.key_file if tls else None,
-            acks=cluster.acks,
-            enable_idempotence=cluster.acks == "all",
-            compression=cluster.compression,
-            max_request_size=cluster.max_request_size,
-        )
-
-    for name in sorted(used_kafka_sinks):
-        buses.kafka_sinks[name] = KafkaSink(f"kafka:{name}", kafka_settings(name))
-    for connector in config.connectors:
-        source = connector.from_
-        if isinstance(source, KafkaFrom):
-            # One group per route by default: routes never rebalance each other.
-            group = source.group_id or f"{config.kafka[source.kafka].group_id}.{connector.name}"
-            buses.kafka_sources[connector.name] = KafkaSource(
-                f"kafka:{source.kafka}:{connector.name}",
-                kafka_settings(source.kafka),
-                source.topics,
-                group,
-                max_in_flight=source.max_in_flight,
-            )
-    return buses
-
-
 async def run_bridge(config: Config) -> int:
     """Run until a signal; the first drains, the second forces."""
     loop = asyncio.get_running_loop()
@@ -194,14 +108,23 @@ async def run_bridge(config: Config) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    bridge = Bridge(config, build_buses(config))
-    health = HealthServer(bridge, config.bridge.health_port) if config.bridge.health_port else None
+    try:
+        bridge = build_bridge(config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("roombus: %s", problem)
+        return EX_CONFIG
+    port = config.bridge.health_port
+    health = HealthServer(bridge, port) if port else None
     try:
         if health is not None:
             await health.start()
         await bridge.run(stop)
+    except ConnectorError as exc:
+        log.error("roombus: cannot start: %s", exc)
+        return 1
     except Exception as exc:
-        log.error("roombus: stopped by an error: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        log.error("roombus: stopped by an error: %s", exc, exc_info=True)
         return 1
     finally:
         if health is not None:

@@ -560,8 +560,17 @@ class ConnectorConfig(_Model):
     to: To = Field(description="Where they go")
     dead_letter: BusTo | None = Field(
         None,
-        description="Where messages that cannot be delivered go (with the reason in a header);"
-        " without it they are not acknowledged",
+        description="Where messages that can never be delivered go, with the reason in the"
+        " roombus-error headers",
+    )
+    on_reject: Literal["dead_letter", "drop", "hold"] | None = Field(
+        None,
+        description="A message that can never be delivered (bad payload or template value, too"
+        " large, refused by LiveKit or the broker): dead_letter (send it to `dead_letter`, then"
+        " acknowledge it), drop (count it, log it, acknowledge it), or hold (never acknowledge"
+        " it: the bus keeps it, and it withholds every later acknowledgement of its MQTT"
+        " connection or Kafka partition). Default: dead_letter when `dead_letter` is set,"
+        " otherwise drop",
     )
 
     @model_validator(mode="after")
@@ -572,7 +581,34 @@ class ConnectorConfig(_Model):
             raise ValueError(
                 "a connector goes from a room to a bus (mqtt/kafka) or from a bus to a room"
             )
+        if self.on_reject == "dead_letter" and self.dead_letter is None:
+            raise ValueError("on_reject: dead_letter needs a `dead_letter` destination")
+        if self.on_reject == "hold" and from_room:
+            raise ValueError(
+                "on_reject: hold needs a bus source: a room cannot keep a message for later"
+            )
         return self
+
+    @property
+    def reject_policy(self) -> Literal["dead_letter", "drop", "hold"]:
+        """`on_reject`, with its default resolved."""
+        if self.on_reject is not None:
+            return self.on_reject
+        return "dead_letter" if self.dead_letter is not None else "drop"
+
+
+class SpoolSettings(_Model):
+    """The durable buffer of room-to-bus routes."""
+
+    directory: str | None = Field(
+        None, description="Directory of the spool file (spool.sqlite3); default: bridge.state_dir"
+    )
+    max_bytes: int = Field(
+        100 * 1024 * 1024, ge=1024, description="Bytes spooled at most, over all routes"
+    )
+    max_age: float | None = Field(
+        None, gt=0, description="Seconds a spooled message is kept at most (then counted expired)"
+    )
 
 
 class BridgeSettings(_Model):
@@ -582,11 +618,38 @@ class BridgeSettings(_Model):
         10.0, gt=0, description="Seconds to drain in-flight messages on SIGTERM"
     )
     queue_size: int = Field(
-        1000, ge=1, description="Messages buffered per room-to-bus connector before backpressure"
+        10_000,
+        ge=1,
+        description="Messages buffered in memory per room-to-bus connector (without a spool)",
     )
-    overflow: Literal["block", "drop_oldest", "drop_newest"] = Field(
+    overflow: Literal["drop_oldest", "drop_newest"] = Field(
         "drop_newest",
-        description="Room-to-bus queue full: wait (room events stall), or drop (counted)",
+        description="A room-to-bus connector's buffer (queue or spool) is full: drop the oldest"
+        " or the newest message (counted as dropped, reason overflow). LiveKit cannot be paused,"
+        " so there is no blocking policy: configure `spool` for a large durable buffer",
+    )
+
+    @field_validator("overflow", mode="before")
+    @classmethod
+    def _no_block(cls, value: object) -> object:
+        if value == "block":
+            raise ValueError(
+                "overflow: block was removed: LiveKit cannot be paused, so blocking stalled the"
+                " room's events; configure bridge.spool for a large durable buffer, with"
+                " drop_oldest or drop_newest at its limit"
+            )
+        return value
+
+    spool: SpoolSettings | None = Field(
+        None,
+        description="Spool room-to-bus messages to disk before they count as received: kept"
+        " across bus outages, restarts and crashes, removed once the broker acknowledged them",
+    )
+    max_in_flight: int = Field(
+        256, ge=1, le=100_000, description="Bus-to-room deliveries in progress per bus source"
+    )
+    publish_window: int = Field(
+        64, ge=1, le=10_000, description="Room-to-bus publishes awaiting the broker, per connector"
     )
     health_port: int | None = Field(
         None, ge=1, le=65535, description="Serve /ping and /ready on this port (127.0.0.1)"

@@ -23,9 +23,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Generic, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, Self, TypeVar
 
 from bridge.errors import RejectedMessage
+
+if TYPE_CHECKING:
+    from bridge.room.room import Room
 
 M = TypeVar("M")
 M_co = TypeVar("M_co", covariant=True)
@@ -117,3 +120,22 @@ class Sink(Endpoint, Protocol[M_contra]):
 
 async def no_ack(error: RejectedMessage | None = None) -> None:
     """The acknowledgement of a message whose source cannot redeliver (a room event)."""
+
+
+class JoinedRoom(Protocol):
+    """A room the bridge keeps joined (`bridge.runtime.room_link.RoomLink`), as RPC sees it."""
+
+    name: str
+
+    @property
+    def room(self) -> Room | None:
+        """The current session, None while (re)joining."""
+        ...
+
+    async def ready(self) -> Room:
+        """The connected room; waits while it rejoins."""
+        ...
+
+    def sender_sid(self, identity: str) -> str:
+        """The sid of participant `identity` in the current session, or ''."""
+        ...

@@ -1,70 +1,67 @@
-"""`/ping` and `/ready` on 127.0.0.1 for container health checks.
+"""The bridge's HTTP port (aiohttp): ``/ping``, ``/ready`` and ``/status`` for probes and people.
 
-`/ping` answers 200 while the process serves; `/ready` answers 200 once the bridge runs and every
-joined room is connected, 503 otherwise, with a one-line JSON body saying which rooms are not.
+* ``/ping``: 200 while the process serves (liveness).
+* ``/ready``: 200 once the bridge runs and every room is joined, every endpoint connected and
+  every task running; otherwise 503 with a JSON body saying exactly what is not.
+* ``/status``: JSON with the same readiness plus the bridge's counters, per room-to-bus route
+  its buffer depth and publishes in flight, and per bus source its deliveries in flight.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 from typing import TYPE_CHECKING
 
+from aiohttp import web
+
 if TYPE_CHECKING:
-    from bridge.runtime import Bridge
+    from bridge.runtime.bridge import Bridge
 
 
 class HealthServer:
-    """A minimal HTTP/1.0 responder (two paths, GET only)."""
+    """Serves the bridge's health endpoints on `host`:`port`."""
 
     def __init__(self, bridge: Bridge, port: int, host: str = "127.0.0.1") -> None:
         self.bridge = bridge
         self.port = port
         self.host = host
-        self._server: asyncio.Server | None = None
+        self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
         """Listen."""
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        app = web.Application()
+        app.router.add_get("/ping", self._ping)
+        app.router.add_get("/ready", self._ready)
+        app.router.add_get("/status", self._status)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, self.host, self.port).start()
+        self._runner = runner
 
     async def stop(self) -> None:
-        """Stop listening."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        """Stop listening. Idempotent."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
 
     def status(self) -> tuple[int, dict[str, object]]:
         """The readiness status code and body."""
-        down = [name for name, link in self.bridge.links.items() if not link.connected.is_set()]
-        ready = self.bridge.ready.is_set() and not down
-        return (200 if ready else 503), {"ready": ready, "rooms_not_connected": down}
+        ready, body = self.bridge.readiness()
+        return (200 if ready else 503), body
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(5):
-                request = await reader.readline()
-            parts = request.decode("latin-1").split()
-            path = parts[1] if len(parts) >= 2 else ""
-            body: dict[str, object]
-            if path == "/ping":
-                code, body = 200, {"ok": True}
-            elif path == "/ready":
-                code, body = self.status()
-            else:
-                code, body = 404, {"error": "not found"}
-            data = json.dumps(body).encode()
-            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[code]
-            writer.write(
-                f"HTTP/1.0 {code} {reason}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(data)}\r\n\r\n".encode()
-                + data
-            )
-            await writer.drain()
-        except (TimeoutError, ConnectionError, UnicodeDecodeError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+    async def _ping(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        code, body = self.status()
+        return web.json_response(body, status=code)
+
+    async def _status(self, request: web.Request) -> web.Response:
+        bridge = self.bridge
+        _, body = bridge.readiness()
+        body["bridge_id"] = bridge.bridge_id
+        body["counters"] = dict(sorted(bridge.counters.items()))
+        body["routes"] = {
+            o.name: {"depth": o.depth, "in_flight": o.in_flight} for o in bridge.outboxes
+        }
+        body["sources"] = {p.name: {"in_flight": p.in_flight} for p in bridge.pumps}
+        return web.json_response(body)

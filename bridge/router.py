@@ -74,6 +74,11 @@ class BusTarget:
     retain: bool = False
     format: str = "raw"
 
+    @property
+    def endpoint(self) -> str:
+        """The name of the sink that publishes for this target, e.g. ``mqtt:plant``."""
+        return f"{self.bus}:{self.name}"
+
     @classmethod
     def of(cls, spec: MqttTo | KafkaTo, known: tuple[str, ...]) -> BusTarget:
         """Compile a bus endpoint of the config."""
@@ -140,6 +145,7 @@ class ToBusRoute:
     dead_letter: BusTarget | None
     # A LiveKit topic pattern with named captures (``command/{device}``), else None (a glob).
     topic_filter: TopicFilter | None = None
+    on_reject: str = "drop"  # dead_letter | drop (see bridge.runtime.dead_letter)
 
     @property
     def kind(self) -> str:
@@ -267,6 +273,7 @@ class ToRoomRoute:
     dead_letter: BusTarget | None
     # rpc with the MQTT 3.1.1 convention: where replies go
     reply_topic: Template | None = None
+    on_reject: str = "drop"  # dead_letter | drop | hold (see bridge.runtime.dead_letter)
 
     def match(self, envelope: Envelope) -> dict[str, str] | None:
         """The placeholder values if `envelope` belongs to this route, else None."""
@@ -321,14 +328,27 @@ def compile_route(connector: ConnectorConfig) -> Route:
         assert isinstance(connector.to, (MqttTo, KafkaTo))
         topic = getattr(getattr(source, source.kind), "topic", None)
         flt = parse_filter(topic) if isinstance(topic, str) and "{" in topic else None
-        return ToBusRoute(connector.name, source, BusTarget.of(connector.to, known), dead, flt)
+        return ToBusRoute(
+            connector.name,
+            source,
+            BusTarget.of(connector.to, known),
+            dead,
+            flt,
+            on_reject=connector.reject_policy,
+        )
     assert isinstance(connector.to, RoomTo)
     flt = parse_filter(source.topic) if isinstance(source, MqttFrom) else None
     reply_topic = None
     if isinstance(source, MqttFrom) and source.reply is not None and source.reply.reply_topic:
         reply_topic = parse_template(source.reply.reply_topic, known, Target.MQTT_TOPIC)
     return ToRoomRoute(
-        connector.name, source, flt, RoomTarget.of(connector.to, known), dead, reply_topic
+        connector.name,
+        source,
+        flt,
+        RoomTarget.of(connector.to, known),
+        dead,
+        reply_topic,
+        on_reject=connector.reject_policy,
     )
 
 

@@ -60,7 +60,6 @@ answered are dropped and counted ``rpc.late_reply``; unknown ones ``rpc.unknown_
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -73,18 +72,19 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bridge.config import (
     FIELD_PREFIX,
     HEADER_PREFIX,
+    BridgeSettings,
     KafkaFrom,
     KafkaReply,
     MqttFrom,
     MqttReply,
     RpcTo,
 )
-from bridge.endpoint import Inbound
+from bridge.endpoint import Inbound, JoinedRoom, Sink
 from bridge.envelope import (
     H_PARTICIPANT,
     H_PARTICIPANT_SID,
@@ -98,12 +98,29 @@ from bridge.envelope import (
 from bridge.errors import RejectedMessage
 from bridge.room.errors import RpcError
 from bridge.room.rpc import RpcHandler, RpcInvocationData
-from bridge.router import MAX_JSON_BYTES, ToBusRoute, ToRoomRoute, decode_payload
+from bridge.room.types import Counters
+from bridge.router import MAX_JSON_BYTES, BusTarget, ToBusRoute, ToRoomRoute, decode_payload
+from bridge.runtime.dead_letter import Rejected
 from bridge.topics import Target, TemplateValueError, glob_match
 
 if TYPE_CHECKING:
     from bridge.room.room import Room
-    from bridge.runtime import Bridge, RoomLink
+
+
+class RejectionPolicy(Protocol):
+    """The route's ``on_reject`` decision (`bridge.runtime.dead_letter.Rejections`)."""
+
+    async def decide(
+        self,
+        route: str,
+        policy: str,
+        dead_letter: BusTarget | None,
+        why: RejectedMessage,
+        message: Rejected,
+    ) -> tuple[bool, RejectedMessage | None]:
+        """(settle, nack error): see `Rejections.decide`."""
+        ...
+
 
 log = logging.getLogger("roombus.rpc")
 
@@ -388,12 +405,27 @@ class _OutCall:
 class RpcBridge:
     """Both RPC directions for one `Bridge` (see the module docstring)."""
 
-    def __init__(self, bridge: Bridge, in_routes: list[ToRoomRoute], out_routes: list[ToBusRoute]):
-        self.bridge = bridge
+    def __init__(
+        self,
+        in_routes: list[ToRoomRoute],
+        out_routes: list[ToBusRoute],
+        *,
+        rooms: Mapping[str, JoinedRoom],
+        sinks: Mapping[str, Sink[Outbound]],
+        rejections: RejectionPolicy,
+        counters: Counters,
+        settings: BridgeSettings,
+        bridge_id: str,
+        mqtt5: Mapping[str, bool],
+    ) -> None:
         self.in_routes = in_routes
         self.out_routes = out_routes
-        self.c = bridge.counters
-        settings = bridge.config.bridge
+        self.rooms = rooms
+        self.sinks = sinks
+        self.rejections = rejections
+        self.bridge_id = bridge_id
+        self.mqtt5 = mqtt5
+        self.c = counters
         self.cache = ReplyCache(
             settings.state_dir, settings.rpc_dedup_window, settings.rpc_dedup_max_entries
         )
@@ -403,88 +435,16 @@ class RpcBridge:
         self._out_pending: dict[str, _OutCall] = {}
         self._out_count: dict[str, int] = {r.name: 0 for r in out_routes}
         self._late: OrderedDict[str, None] = OrderedDict()
-        # MQTT broker name -> reply topics of room-to-bus routes on it.
-        self.mqtt_reply_topics: dict[str, set[str]] = {}
-        self._kafka_readers: list[asyncio.Task[None]] = []
-        self._kafka_consumers: list[Any] = []
+        # Bus endpoint ("mqtt:plant", "kafka:main") -> reply topic -> the Kafka header holding
+        # the correlation id (None on MQTT: correlation data), for room-to-bus calls.
+        self.reply_topics: dict[str, dict[str, str | None]] = {}
+        for route in out_routes:
+            spec = route.source.rpc
+            assert spec is not None
+            corr = spec.kafka_reply.header_names[1] if route.target.bus == "kafka" else None
+            self.reply_topics.setdefault(route.target.endpoint, {})[spec.reply_topic] = corr
 
     # ------------------------------------------------------------------ lifecycle
-
-    def prepare_buses(self) -> None:
-        """Before the buses start: reply subscriptions, and Kafka producers for replies."""
-        buses = self.bridge.buses
-        for route in self.out_routes:
-            target = route.target
-            reply_topic = route.source.rpc.reply_topic  # type: ignore[union-attr]
-            if target.bus == "mqtt":
-                self.mqtt_reply_topics.setdefault(target.name, set()).add(reply_topic)
-                buses.mqtt[target.name].add_subscription(reply_topic, 1)
-        for in_route in self.in_routes:
-            source = in_route.source
-            if isinstance(source, KafkaFrom) and source.kafka not in buses.kafka_sinks:
-                from connectors.kafka import KafkaSink
-
-                settings = buses.kafka_sources[in_route.name].settings
-                buses.kafka_sinks[source.kafka] = KafkaSink(f"kafka:{source.kafka}", settings)
-
-    async def start(self) -> None:
-        """After the buses started: read the Kafka reply topics (positioned at their end)."""
-        seen: set[tuple[str, str]] = set()
-        for route in self.out_routes:
-            target = route.target
-            topic = route.source.rpc.reply_topic  # type: ignore[union-attr]
-            if target.bus != "kafka" or (target.name, topic) in seen:
-                continue
-            seen.add((target.name, topic))
-            consumer = await self._kafka_reply_consumer(target.name, topic)
-            self._kafka_consumers.append(consumer)
-            corr_header = route.source.rpc.kafka_reply.header_names[1]  # type: ignore[union-attr]
-            self._kafka_readers.append(
-                asyncio.create_task(
-                    self._read_kafka_replies(consumer, corr_header), name=f"rpc-replies-{topic}"
-                )
-            )
-
-    async def _kafka_reply_consumer(self, cluster: str, topic: str) -> Any:
-        from aiokafka import AIOKafkaConsumer
-        from aiokafka.structs import TopicPartition
-
-        settings = self.bridge.buses.kafka_sinks[cluster].settings
-        # No group: every bridge instance reads every reply and keeps those it waits for.
-        consumer = AIOKafkaConsumer(
-            **settings.client_kwargs(), group_id=None, enable_auto_commit=False
-        )
-        await consumer.start()
-        try:
-            deadline = time.monotonic() + settings.request_timeout
-            while True:
-                await consumer._client.force_metadata_update()
-                partitions = consumer.partitions_for_topic(topic)
-                if partitions:
-                    break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"rpc: Kafka reply topic {topic!r} does not exist")
-                await asyncio.sleep(0.2)
-            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-            consumer.assign(tps)
-            await consumer.seek_to_end(*tps)
-            for tp in tps:
-                await consumer.position(tp)  # resolved now: no reply after this is missed
-        except BaseException:
-            await consumer.stop()
-            raise
-        return consumer
-
-    async def _read_kafka_replies(self, consumer: Any, corr_header: str) -> None:
-        while True:
-            batch = await consumer.getmany(timeout_ms=500)
-            for records in batch.values():
-                for record in records:
-                    headers: dict[str, str] = {}
-                    for key, raw in record.headers or ():
-                        with contextlib.suppress(UnicodeDecodeError):
-                            headers[key] = bytes(raw or b"").decode("utf-8")
-                    self._resolve(headers.get(corr_header, ""), headers, record.value or b"")
 
     async def drain(self, within: float) -> None:
         """Let running bus requests finish within `within` seconds, then cancel the rest."""
@@ -495,13 +455,7 @@ class RpcBridge:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def stop(self) -> None:
-        """Stop the reply readers, fail calls still waiting, close the cache."""
-        for task in self._kafka_readers:
-            task.cancel()
-        await asyncio.gather(*self._kafka_readers, return_exceptions=True)
-        for consumer in self._kafka_consumers:
-            with contextlib.suppress(Exception):
-                await consumer.stop()
+        """Fail calls still waiting, close the cache."""
         for call in self._out_pending.values():
             if not call.future.done():
                 call.future.set_result(RpcError(RpcError.RECIPIENT_DISCONNECTED, "Bridge stopping"))
@@ -548,14 +502,23 @@ class RpcBridge:
         except RejectedMessage as exc:
             self.c.inc(f"{prefix}.rejected.{exc.reason}")
             log.warning("%s: cannot answer a request on %s: %s", route.name, envelope.topic, exc)
-            # Like every undeliverable message: acknowledged only once it is in the dead-letter
-            # destination; without one the bus keeps it (and shows it again on redelivery).
-            dead_lettered = (
-                route.dead_letter is not None
-                and await self.bridge.dead_letter_envelope(route, envelope, values, exc)
+            # Like every undeliverable message: decided once by the route's on_reject.
+            settle, error = await self.rejections.decide(
+                route.name,
+                route.on_reject,
+                route.dead_letter,
+                exc,
+                Rejected(
+                    envelope.payload,
+                    values,
+                    dict(envelope.headers),
+                    envelope.content_type,
+                    None,
+                    envelope.topic,
+                ),
             )
-            if dead_lettered and ack:
-                await inbound.ack()
+            if settle and ack:
+                await inbound.ack(error)
             return
         key = request.dedup_key
         if key is not None:
@@ -618,7 +581,7 @@ class RpcBridge:
         if len(text.encode()) > spec.max_request_bytes:
             self.c.inc(f"{prefix}.rpc_request_too_large")
             return RpcOutcome.builtin(RpcError.REQUEST_PAYLOAD_TOO_LARGE)
-        link = self.bridge.links.get(room_name)
+        link = self.rooms.get(room_name)
         if link is None:
             return RpcOutcome.builtin(
                 RpcError.RECIPIENT_NOT_FOUND, f"Room {room_name!r} is not joined by the bridge"
@@ -650,10 +613,10 @@ class RpcBridge:
 
     def _reply_outbound(self, route: ToRoomRoute, request: BusRequest, o: RpcOutcome) -> Outbound:
         source = route.source
-        guard = (H_SOURCE, self.bridge.bridge_id)
+        guard = (H_SOURCE, self.bridge_id)
         if isinstance(source, MqttFrom):
             reply = source.reply or MqttReply()
-            mqtt5 = self.bridge.config.mqtt[source.mqtt].protocol == "5"
+            mqtt5 = self.mqtt5.get(source.mqtt, True)
             if request.json_style:
                 doc: dict[str, Any] = {reply.correlation_field: request.json_correlation}
                 if o.ok:
@@ -696,12 +659,9 @@ class RpcBridge:
         """Publish the reply; True once the bus took it (or it can never be published)."""
         out = self._reply_outbound(route, request, outcome)
         source = route.source
-        buses = self.bridge.buses
-        sink = (
-            buses.mqtt[source.mqtt]
-            if isinstance(source, MqttFrom)
-            else buses.kafka_sinks[source.kafka]
-        )
+        sink = self.sinks[
+            f"mqtt:{source.mqtt}" if isinstance(source, MqttFrom) else f"kafka:{source.kafka}"
+        ]
         prefix = f"route.{route.name}"
         for attempt in range(REPLY_ATTEMPTS):
             try:
@@ -723,7 +683,7 @@ class RpcBridge:
 
     # ------------------------------------------------------------------ room to bus
 
-    def attach(self, link: RoomLink, room: Room) -> None:
+    def attach(self, link: JoinedRoom, room: Room) -> None:
         """Serve this room's room-to-bus RPC methods on its participant."""
         routes = [r for r in self.out_routes if r.wants_room(link.name)]
         if not routes:
@@ -755,7 +715,7 @@ class RpcBridge:
                 return route
         return None
 
-    def _handler(self, link: RoomLink) -> RpcHandler:
+    def _handler(self, link: JoinedRoom) -> RpcHandler:
         async def handle(data: RpcInvocationData) -> str:
             routes = [r for r in self.out_routes if r.wants_room(link.name)]
             route = self._route_for(routes, data.method, data.caller_identity)
@@ -765,7 +725,7 @@ class RpcBridge:
 
         return handle
 
-    async def _call_bus(self, link: RoomLink, route: ToBusRoute, data: RpcInvocationData) -> str:
+    async def _call_bus(self, link: JoinedRoom, route: ToBusRoute, data: RpcInvocationData) -> str:
         spec = route.source.rpc
         assert spec is not None
         prefix = f"route.{route.name}"
@@ -778,7 +738,7 @@ class RpcBridge:
             "room": link.name,
             "room_sid": room.sid if room else "",
             "participant": data.caller_identity,
-            "participant_sid": link._sender_sid(data.caller_identity),
+            "participant_sid": link.sender_sid(data.caller_identity),
             "kind": "rpc",
             "method": data.method,
             "request_id": data.request_id,
@@ -801,7 +761,7 @@ class RpcBridge:
                 headers,
                 content_type=None,
                 default_key=f"{link.name}/{data.caller_identity}",
-                bridge_id=self.bridge.bridge_id,
+                bridge_id=self.bridge_id,
             )
         except RejectedMessage as exc:
             self.c.inc(f"{prefix}.rejected.{exc.reason}")
@@ -830,7 +790,7 @@ class RpcBridge:
         call = _OutCall(asyncio.get_running_loop().create_future())
         self._out_pending[corr] = call
         self._out_count[route.name] += 1
-        sink = self.bridge.buses.sink(route.target)
+        sink = self.sinks[route.target.endpoint]
         try:
             async with asyncio.timeout(timeout):
                 try:
@@ -857,12 +817,16 @@ class RpcBridge:
         self.c.inc(f"{prefix}.rpc_ok")
         return result
 
-    def take_reply(self, source: str, envelope: Envelope) -> bool:
-        """Whether `envelope` (from MQTT connector `source`) is a reply to a room-to-bus call."""
-        broker = source.removeprefix("mqtt:")
-        if envelope.topic not in self.mqtt_reply_topics.get(broker, ()):
+    def take_reply(self, endpoint: str, envelope: Envelope) -> bool:
+        """Whether `envelope`, read from bus `endpoint`, answers a room-to-bus call (consumed)."""
+        topics = self.reply_topics.get(endpoint)
+        if not topics or envelope.topic not in topics:
             return False
-        corr = (envelope.correlation_data or b"").decode("utf-8", "replace")
+        header = topics[envelope.topic]
+        if header is None:
+            corr = (envelope.correlation_data or b"").decode("utf-8", "replace")
+        else:
+            corr = envelope.headers.get(header, "")
         self._resolve(corr, envelope.headers, envelope.payload)
         return True
 

@@ -1,7 +1,7 @@
 """End-to-end fixtures: the whole bridge against the real livekit-server, Kafka and Mosquitto.
 
 `run_bridge(yaml_text)` starts `Bridge` in-process with the connectors the CLI would build
-(`bridge.cli.build_buses`), waits until every room is joined, and stops it (draining) on exit.
+(`bridge.app.build_bridge`), waits until every room is joined, and stops it (draining) on exit.
 Peers on the bus side are independent clients (paho, aiokafka); peers in the room are
 official-SDK participants.
 """
@@ -22,9 +22,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bridge.cli import build_buses
+from bridge.app import build_bridge
 from bridge.config import parse_config
-from bridge.runtime import Bridge
+from bridge.runtime.bridge import Bridge
+from connectors.kafka import KafkaSource
 from tests.interop.conftest import eventually
 from tests.services import Kafka, LiveKitServer, Mosquitto
 
@@ -63,7 +64,7 @@ kafka:
 async def run_bridge(yaml_text: str) -> AsyncIterator[Bridge]:
     """The bridge running on `yaml_text`, ready (rooms joined); drained and stopped on exit."""
     config = parse_config(yaml_text, "e2e.yaml")
-    bridge = Bridge(config, build_buses(config))
+    bridge = build_bridge(config)
     stop = asyncio.Event()
     task = asyncio.create_task(bridge.run(stop), name="bridge")
     try:
@@ -89,12 +90,20 @@ async def run_bridge(yaml_text: str) -> AsyncIterator[Bridge]:
 async def kafka_assigned(bridge: Bridge) -> None:
     """Wait until every Kafka source of the bridge has partitions: new groups start at the end
     of their topics, so a record produced earlier would not be seen."""
-    sources = list(bridge.buses.kafka_sources.values())
+    sources = [s.source for s in bridge.endpoints.sources if isinstance(s.source, KafkaSource)]
     await eventually(
         lambda: all(source.assigned for source in sources),
         timeout=30,
         what="the bridge's Kafka consumers to be assigned partitions",
     )
+
+
+def kafka_source(bridge: Bridge, route: str) -> KafkaSource:
+    """The Kafka consumer of bus-to-room route `route`."""
+    for s in bridge.endpoints.sources:
+        if isinstance(s.source, KafkaSource) and s.name.endswith(f":{route}"):
+            return s.source
+    raise LookupError(f"no Kafka source for route {route!r}")
 
 
 class MqttPeer:

@@ -1,11 +1,12 @@
-"""Bad input from a bus or from participants: a clear error, counted, no crash, nothing
-acknowledged as delivered unless it went to the configured dead-letter destination."""
+"""Bad input from a bus or from participants: a clear error, counted, no crash, and a decision
+made once per route (``on_reject``): dead-lettered, dropped (nacked upstream) or held."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 
+import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from livekit import rtc
 
@@ -14,6 +15,7 @@ from tests.e2e.conftest import (
     MqttPeer,
     bridge_yaml,
     kafka_assigned,
+    kafka_source,
     run_bridge,
     unique,
 )
@@ -31,16 +33,24 @@ async def _committed(kafka: Kafka, group: str, topic: str) -> int | None:
         await consumer.stop()
 
 
-async def test_kafka_bad_records_are_counted_and_not_committed_without_dead_letter(
-    livekit_server: LiveKitServer, kafka: Kafka, kafka_peer: KafkaPeer, room_name: str
+@pytest.mark.parametrize("on_reject", ["drop", "hold"])
+async def test_kafka_bad_records_without_dead_letter_are_dropped_or_held(
+    livekit_server: LiveKitServer,
+    kafka: Kafka,
+    kafka_peer: KafkaPeer,
+    room_name: str,
+    on_reject: str,
 ) -> None:
+    """drop (the default without dead_letter): counted and committed past, so the partition
+    goes on; hold: the committed offset stays at the first bad record (the bus keeps it)."""
     topic = unique("bad-in")
     await kafka_peer.create_topic(topic)
+    policy = "" if on_reject == "drop" else f"\n    on_reject: {on_reject}"
     body = f"""\
 connectors:
   - name: texts
     from: {{kafka: main, topics: [{topic}], format: json}}
-    to: {{room: "{room_name}", text_stream: {{topic: "t"}}}}
+    to: {{room: "{room_name}", text_stream: {{topic: "t"}}}}{policy}
 """
     texts: asyncio.Queue[str] = asyncio.Queue()
     async with sdk_peer(livekit_server, room_name, "reader") as reader:
@@ -54,7 +64,7 @@ connectors:
         )
         config = bridge_yaml(livekit_server, None, kafka, room_name, body)
         async with run_bridge(config) as bridge:
-            group = bridge.buses.kafka_sources["texts"].group_id
+            group = kafka_source(bridge, "texts").group_id
             await kafka_assigned(bridge)
             await kafka_peer.produce(topic, b'{"payload": "ok 1"}')
             await kafka_peer.produce(topic, b"{not json")  # offset 1: malformed JSON
@@ -73,8 +83,12 @@ connectors:
                 ),
                 what="rejections counted",
             )
-        # Not acknowledged: the group's committed offset stays at the first bad record.
-        assert await _committed(kafka, group, topic) == 1
+            if on_reject == "drop":
+                assert c["route.texts.dropped.malformed_json"] == 2
+                assert c["route.texts.held"] == 0
+            else:
+                assert c["route.texts.held"] == 3
+    assert await _committed(kafka, group, topic) == (5 if on_reject == "drop" else 1)
 
 
 async def test_kafka_bad_records_go_to_the_dead_letter_topic_and_are_committed(
@@ -95,7 +109,7 @@ connectors:
 """
     await kafka_peer.create_topic(f"{topic}-p")
     async with run_bridge(bridge_yaml(livekit_server, None, kafka, room_name, body)) as bridge:
-        group = bridge.buses.kafka_sources["texts"].group_id
+        group = kafka_source(bridge, "texts").group_id
         await kafka_assigned(bridge)
         await kafka_peer.produce(topic, b"\xff\xfe not utf-8", key=b"k1")
         await kafka_peer.produce(f"{topic}-p", b"x" * 100_000, key=b"k2")  # over the packet limit
@@ -151,14 +165,22 @@ connectors:
         assert mqtt_peer.messages.empty()
 
 
-async def test_mqtt_message_rejected_without_dead_letter_is_not_acknowledged(
-    livekit_server: LiveKitServer, mosquitto: Mosquitto, mqtt_peer: MqttPeer, room_name: str
+@pytest.mark.parametrize("on_reject", ["drop", "hold"])
+async def test_mqtt_message_rejected_without_dead_letter_is_dropped_or_held(
+    livekit_server: LiveKitServer,
+    mosquitto: Mosquitto,
+    mqtt_peer: MqttPeer,
+    room_name: str,
+    on_reject: str,
 ) -> None:
+    """hold: never acknowledged, so the broker redelivers it to the same persistent session;
+    drop (the default): nacked (PUBACK with a failure reason code), never seen again."""
+    policy = "" if on_reject == "drop" else f"\n    on_reject: {on_reject}"
     body = f"""\
 connectors:
   - name: texts
     from: {{mqtt: bus, topic: "in/{{x}}", qos: 1}}
-    to: {{room: "{room_name}", text_stream: {{topic: "t"}}}}
+    to: {{room: "{room_name}", text_stream: {{topic: "t"}}}}{policy}
 """
     config = bridge_yaml(livekit_server, mosquitto, None, room_name, body)
     async with run_bridge(config) as bridge:
@@ -168,7 +190,14 @@ connectors:
         )
     # Same client id, persistent session: the broker redelivers what was never acknowledged.
     async with run_bridge(config) as bridge:
+        await mqtt_peer.publish("in/b", b"fine")
         await eventually(
-            lambda: bridge.counters["route.texts.rejected.invalid_utf8"] == 1,
-            what="the unacknowledged message redelivered",
+            lambda: bridge.counters["route.texts.delivered"] == 1, what="a later message"
         )
+        if on_reject == "hold":
+            await eventually(
+                lambda: bridge.counters["route.texts.rejected.invalid_utf8"] == 1,
+                what="the unacknowledged message redelivered",
+            )
+        else:
+            assert bridge.counters["route.texts.rejected.invalid_utf8"] == 0

@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bridge.runtime import Bridge
+from bridge.runtime.bridge import Bridge
 from tests.e2e.conftest import KafkaPeer, bridge_yaml, run_bridge, unique
 from tests.interop.conftest import eventually, sdk_peer
 from tests.services import Kafka, LiveKitServer, Mosquitto

@@ -1,0 +1,174 @@
+"""The composition root: config → endpoints → `Bridge`; the only module importing connectors/.
+
+Per MQTT broker the bridge opens up to two connections: one that subscribes (the persistent
+session of ``client_id``: what the routes and RPC replies read) and one that only publishes
+(``<client_id>-pub``, clean session), so that publishing never waits behind the inbound
+backlog of the same broker — a broker answers a subscriber's own PUBLISHes only after the
+messages it queued for it. Per Kafka cluster one producer; per bus-to-room Kafka route one
+consumer group; per cluster with room-to-bus RPC one group-less reply reader.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bridge.config import (
+    Config,
+    ConfigError,
+    KafkaFrom,
+    KafkaTo,
+    MqttBrokerConfig,
+    MqttFrom,
+    MqttTo,
+    RoomFrom,
+)
+from bridge.endpoint import Sink
+from bridge.envelope import Outbound
+from bridge.router import ToRoomRoute, compile_routes
+from bridge.runtime.bridge import Bridge, BusSource, Endpoints, Spooling
+from bridge.topics import parse_filter
+from connectors.kafka import KafkaSettings, KafkaSink, KafkaSource
+from connectors.kafka_replies import KafkaReplySource
+from connectors.mqtt import MqttConnector, MqttSettings
+
+
+def mqtt_settings(name: str, broker: MqttBrokerConfig, *, publisher: bool) -> MqttSettings:
+    """The connector settings of broker `name` (the publishing connection: clean, no session)."""
+    tls = broker.tls
+    client_id = broker.client_id or f"roombus-{name}"
+    return MqttSettings(
+        host=broker.host,
+        port=broker.port,
+        client_id=f"{client_id}-pub" if publisher else client_id,
+        protocol=broker.protocol,
+        username=broker.username,
+        password=broker.password,
+        tls=tls is not None,
+        ca_file=tls.ca_file if tls else None,
+        cert_file=tls.cert_file if tls else None,
+        key_file=tls.key_file if tls else None,
+        tls_insecure=tls.insecure if tls else False,
+        keepalive=broker.keepalive,
+        clean_start=True if publisher else broker.clean_start,
+        session_expiry=0 if publisher else broker.session_expiry,
+        max_inflight=broker.max_inflight,
+    )
+
+
+def kafka_settings(config: Config, name: str) -> KafkaSettings:
+    """The connector settings of Kafka cluster `name`."""
+    cluster = config.kafka[name]
+    tls, sasl = cluster.tls, cluster.sasl
+    if sasl is not None:
+        protocol = "SASL_SSL" if tls is not None else "SASL_PLAINTEXT"
+    else:
+        protocol = "SSL" if tls is not None else "PLAINTEXT"
+    return KafkaSettings(
+        bootstrap_servers=cluster.bootstrap_servers,
+        client_id=cluster.client_id,
+        security_protocol=protocol,  # type: ignore[arg-type]
+        sasl_mechanism=sasl.mechanism if sasl else None,
+        username=sasl.username if sasl else None,
+        password=sasl.password if sasl else None,
+        ca_file=tls.ca_file if tls else None,
+        cert_file=tls.cert_file if tls else None,
+        key_file=tls.key_file if tls else None,
+        acks=cluster.acks,
+        enable_idempotence=cluster.acks == "all",
+        compression=cluster.compression,
+        max_request_size=cluster.max_request_size,
+    )
+
+
+def build_endpoints(config: Config) -> Endpoints:
+    """Every endpoint the configuration uses, and only those."""
+    routes = compile_routes(config)
+    to_room = [r for r in routes if isinstance(r, ToRoomRoute)]
+    publish_mqtt: set[str] = set()
+    publish_kafka: set[str] = set()
+    subscriptions: dict[str, dict[str, int]] = {}
+    kafka_replies: dict[str, set[str]] = {}
+    for connector in config.connectors:
+        for end in (connector.to, connector.dead_letter):
+            if isinstance(end, MqttTo):
+                publish_mqtt.add(end.mqtt)
+            elif isinstance(end, KafkaTo):
+                publish_kafka.add(end.kafka)
+        source = connector.from_
+        if isinstance(source, MqttFrom):
+            subscriptions.setdefault(source.mqtt, {})[parse_filter(source.topic).mqtt_filter] = (
+                source.qos
+            )
+            if source.reply is not None or _is_rpc(connector.to):
+                publish_mqtt.add(source.mqtt)  # replies
+        elif isinstance(source, KafkaFrom) and _is_rpc(connector.to):
+            publish_kafka.add(source.kafka)  # replies
+        elif isinstance(source, RoomFrom) and source.rpc is not None:
+            if isinstance(connector.to, MqttTo):
+                subscriptions.setdefault(connector.to.mqtt, {})[source.rpc.reply_topic] = 1
+            elif isinstance(connector.to, KafkaTo):
+                kafka_replies.setdefault(connector.to.kafka, set()).add(source.rpc.reply_topic)
+
+    endpoints = Endpoints()
+    for name in sorted(publish_mqtt):
+        sink: Sink[Outbound] = MqttConnector(
+            f"mqtt:{name}:pub", mqtt_settings(name, config.mqtt[name], publisher=True)
+        )
+        endpoints.sinks[f"mqtt:{name}"] = sink
+    for name in sorted(publish_kafka):
+        endpoints.sinks[f"kafka:{name}"] = KafkaSink(f"kafka:{name}", kafka_settings(config, name))
+    for name, filters in sorted(subscriptions.items()):
+        subscriber = MqttConnector(
+            f"mqtt:{name}", mqtt_settings(name, config.mqtt[name], publisher=False)
+        )
+        for topic_filter, qos in filters.items():
+            subscriber.add_subscription(topic_filter, qos)
+        mine = tuple(r for r in to_room if isinstance(r.source, MqttFrom) and r.source.mqtt == name)
+        endpoints.sources.append(BusSource(f"mqtt:{name}", f"mqtt:{name}", subscriber, mine))
+    for route in to_room:
+        source = route.source
+        if not isinstance(source, KafkaFrom):
+            continue
+        # One group per route by default: routes never rebalance each other.
+        group = source.group_id or f"{config.kafka[source.kafka].group_id}.{route.name}"
+        consumer = KafkaSource(
+            f"kafka:{source.kafka}:{route.name}",
+            kafka_settings(config, source.kafka),
+            source.topics,
+            group,
+            max_in_flight=source.max_in_flight,
+        )
+        endpoints.sources.append(
+            BusSource(consumer.name, f"kafka:{source.kafka}", consumer, (route,))
+        )
+    for name, topics in sorted(kafka_replies.items()):
+        replies = KafkaReplySource(
+            f"kafka:{name}:rpc-replies", kafka_settings(config, name), sorted(topics)
+        )
+        endpoints.sources.append(BusSource(replies.name, f"kafka:{name}", replies))
+    return endpoints
+
+
+def _is_rpc(end: object) -> bool:
+    return getattr(end, "kind", None) == "rpc"
+
+
+def build_spooling(config: Config) -> Spooling | None:
+    """The room-to-bus spool, if configured."""
+    spool = config.bridge.spool
+    if spool is None:
+        return None
+    directory = spool.directory or config.bridge.state_dir
+    if directory is None:
+        raise ConfigError(["bridge.spool: needs spool.directory or bridge.state_dir"])
+    from bridge.spool import Spool, SpoolCodec
+
+    opened = Spool.open(
+        Path(directory) / "spool.sqlite3", max_bytes=spool.max_bytes, max_age=spool.max_age
+    )
+    return Spooling(route=opened.route, codec=SpoolCodec(), close=opened.close)
+
+
+def build_bridge(config: Config) -> Bridge:
+    """The bridge for `config`, with its endpoints (nothing connects before `Bridge.run`)."""
+    return Bridge(config, build_endpoints(config), spooling=build_spooling(config))

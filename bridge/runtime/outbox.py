@@ -1,0 +1,270 @@
+"""One room-to-bus route's outgoing side: render, buffer, publish with a window in flight.
+
+LiveKit cannot redeliver, so from the moment a room event is offered here the bridge owns it.
+`offer` is synchronous and never blocks the room's event dispatch: it renders the route's
+templates (a bad value is a rejection, decided by the route's ``on_reject``) and appends the
+`Outbound` to the route's buffer:
+
+* in memory (`bridge.queue_size` messages), or
+* in the spool (`bridge.spool`), durable across bus outages, restarts and crashes: the
+  messages of one event-loop turn are written in one transaction, and a message leaves the
+  spool only once the broker acknowledged it. After a restart the spool is replayed first, in
+  order.
+
+At the buffer's limit the overflow policy drops the newest or the oldest message, counted as
+``route.<name>.dropped.overflow``.
+
+`window` workers publish concurrently: each takes the next message in buffer order and calls
+the sink at once, so the sink sees the calls in order (Kafka batches them with its linger and
+keeps per-partition order with the idempotent producer; MQTT writes them in order on one
+connection) while up to `window` wait for their acknowledgements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Protocol
+
+from bridge.endpoint import Sink
+from bridge.envelope import H_KIND, H_PARTICIPANT, H_ROOM, H_TOPIC, Outbound
+from bridge.errors import RejectedMessage
+from bridge.room.types import Counters
+from bridge.router import RoomMessage, ToBusRoute
+from bridge.runtime.dead_letter import Rejected, Rejections
+from bridge.runtime.publisher import Publisher
+
+log = logging.getLogger("roombus.outbox")
+
+
+class DurableQueue(Protocol):
+    """What the outbox needs of a route's spool (`bridge.spool.RouteSpool`)."""
+
+    def append_many(self, items: list[tuple[str, bytes]]) -> list[int | None]:
+        """Write items (key, blob) in one transaction; a seq each, None if dropped."""
+        ...
+
+    def pending(self, limit: int, after_seq: int = 0) -> list[tuple[int, str, bytes]]:
+        """Up to `limit` items after `after_seq`, oldest first."""
+        ...
+
+    def remove(self, seqs: list[int]) -> object:
+        """Forget acknowledged items."""
+        ...
+
+    @property
+    def count(self) -> int:
+        """Items spooled."""
+        ...
+
+
+class OutboundCodec(Protocol):
+    """Turns an `Outbound` into spool bytes and back."""
+
+    def encode(self, message: Outbound, received_at: float) -> bytes:
+        """Serialize."""
+        ...
+
+    def decode(self, blob: bytes) -> tuple[Outbound, float]:
+        """Deserialize."""
+        ...
+
+
+class Outbox:
+    """The buffer and publishers of one room-to-bus route (see the module docstring)."""
+
+    def __init__(
+        self,
+        route: ToBusRoute,
+        sink: Sink[Outbound],
+        publisher: Publisher,
+        rejections: Rejections,
+        counters: Counters,
+        *,
+        bridge_id: str,
+        queue_size: int,
+        overflow: str,
+        window: int,
+        spool: DurableQueue | None = None,
+        codec: OutboundCodec | None = None,
+    ) -> None:
+        self.route = route
+        self.name = route.name
+        self.sink = sink
+        self.publisher = publisher
+        self.rejections = rejections
+        self.counters = counters
+        self.bridge_id = bridge_id
+        self.queue_size = queue_size
+        self.overflow = overflow
+        self.window = window
+        self.spool = spool
+        self.codec = codec
+        self._prefix = f"route.{route.name}"
+        # Memory mode: rendered messages; spool mode: what was read ahead of the spool.
+        self._buffer: collections.deque[tuple[int, Outbound]] = collections.deque()
+        self._rejects: collections.deque[tuple[RejectedMessage, Rejected]] = collections.deque()
+        self._unflushed: list[tuple[str, bytes]] = []
+        self._flush_scheduled = False
+        self._read_after = 0  # the spool's last seq read into the buffer
+        self._wake = asyncio.Event()
+        self._in_flight = 0
+
+    # ------------------------------------------------------------------ the room side
+
+    def offer(self, message: RoomMessage) -> None:
+        """Take a room event for this route; never blocks (see the module docstring)."""
+        route = self.route
+        self.counters.inc(f"{self._prefix}.received")
+        values = route.values(message)
+        try:
+            out = route.target.outbound(
+                message.payload,
+                values,
+                message.headers,
+                content_type=message.content_type,
+                default_key=message.default_key,
+                bridge_id=self.bridge_id,
+            )
+        except RejectedMessage as exc:
+            if len(self._rejects) >= self.queue_size:
+                self.counters.inc(f"{self._prefix}.dropped.overflow")
+                return
+            origin = f"room {values.get('room', '')} participant {values.get('participant', '')}"
+            self._rejects.append(
+                (
+                    exc,
+                    Rejected(
+                        message.payload,
+                        values,
+                        message.headers,
+                        message.content_type,
+                        message.default_key,
+                        origin,
+                    ),
+                )
+            )
+            self._signal()
+            return
+        if self.spool is not None:
+            assert self.codec is not None
+            self._unflushed.append((out.topic, self.codec.encode(out, 0.0)))
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+            return
+        if len(self._buffer) >= self.queue_size:
+            self.counters.inc(f"{self._prefix}.dropped.overflow")
+            if self.overflow == "drop_newest":
+                return
+            self._buffer.popleft()
+        self._buffer.append((0, out))
+        self._signal()
+
+    def _flush(self) -> None:
+        """Write the messages of this loop turn to the spool in one transaction."""
+        self._flush_scheduled = False
+        items, self._unflushed = self._unflushed, []
+        if not items or self.spool is None:
+            return
+        seqs = self.spool.append_many(items)
+        dropped = sum(1 for s in seqs if s is None)
+        if dropped:
+            self.counters.inc(f"{self._prefix}.dropped.overflow", dropped)
+        self._signal()
+
+    def _signal(self) -> None:
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the bus side
+
+    @property
+    def depth(self) -> int:
+        """Messages waiting (buffered, spooled or unflushed), not counting those in flight."""
+        spooled = self.spool.count - self._in_flight if self.spool is not None else 0
+        return len(self._buffer) + len(self._rejects) + len(self._unflushed) + max(0, spooled)
+
+    @property
+    def in_flight(self) -> int:
+        """Publishes awaiting the broker."""
+        return self._in_flight
+
+    async def run(self) -> None:
+        """Publish until cancelled, with `window` publishes in flight."""
+        async with asyncio.TaskGroup() as tg:
+            for i in range(self.window):
+                tg.create_task(self._worker(), name=f"roombus[{self.name}].publish-{i}")
+
+    async def drain(self) -> None:
+        """Return once nothing is buffered or in flight (call after the rooms stopped).
+
+        Polls: it runs once, at shutdown, under the caller's deadline.
+        """
+        if self._unflushed:
+            self._flush()
+        while self.depth or self._in_flight:
+            self._wake.set()
+            await asyncio.sleep(0.02)
+
+    def _refill(self) -> None:
+        """Read the next spooled messages into the buffer (spool mode)."""
+        if self.spool is None or self._buffer:
+            return
+        assert self.codec is not None
+        for seq, _key, blob in self.spool.pending(max(64, self.window * 2), self._read_after):
+            self._read_after = seq
+            out, _ = self.codec.decode(blob)
+            self._buffer.append((seq, out))
+
+    async def _worker(self) -> None:
+        while True:
+            if self._rejects:
+                why, rejected = self._rejects.popleft()
+                self._in_flight += 1
+                try:
+                    await self.rejections.decide(
+                        self.name, self.route.on_reject, self.route.dead_letter, why, rejected
+                    )
+                finally:
+                    self._done()
+                continue
+            if not self._buffer:
+                self._refill()
+            if not self._buffer:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            seq, out = self._buffer.popleft()
+            self._in_flight += 1
+            try:
+                await self._publish(seq, out)
+            finally:
+                self._done()
+
+    def _done(self) -> None:
+        self._in_flight -= 1
+
+    async def _publish(self, seq: int, out: Outbound) -> None:
+        try:
+            await self.publisher.publish(self.sink, out, route=self.name, where=out.topic)
+        except RejectedMessage as why:
+            headers = dict(out.headers)
+            # The dead-letter templates get the provenance the rendered message still carries.
+            values = {
+                "room": headers.get(H_ROOM, ""),
+                "participant": headers.get(H_PARTICIPANT, ""),
+                "topic": headers.get(H_TOPIC, ""),
+                "kind": headers.get(H_KIND, ""),
+            }
+            await self.rejections.decide(
+                self.name,
+                self.route.on_reject,
+                self.route.dead_letter,
+                why,
+                Rejected(out.payload, values, headers, out.content_type, None, out.topic),
+            )
+        else:
+            self.counters.inc(f"{self._prefix}.published")
+        if seq and self.spool is not None:
+            self.spool.remove([seq])

@@ -1,0 +1,105 @@
+"""Publishing one message to a sink: retriable failures wait and retry, permanent ones reject.
+
+A sink raises `ConnectorError` with ``retriable`` set (see `bridge.endpoint`). Retriable errors
+(broker down, timeout, room rejoining) are retried with `bridge.retry.backoff` until the sink
+accepts the message or the caller is cancelled (shutdown): the message is ours, nobody else
+will resend it. A non-retriable error (record too large, refused by the broker's ACL) becomes a
+`RejectedMessage` at once, so the caller decides once — dead letter, drop or hold — and the
+route goes on with the next message instead of looping forever.
+
+An exception that is not a `ConnectorError` is a bug at an endpoint's boundary (an unwrapped
+third-party error): it is retried a few times, logged with its traceback, then rejected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TypeVar
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+
+from bridge.endpoint import Sink
+from bridge.errors import ConnectorError, RejectedMessage
+from bridge.retry import backoff, delay
+from bridge.room.types import Counters
+
+log = logging.getLogger("roombus.publish")
+
+T = TypeVar("T")
+
+# Attempts for an exception that is not a ConnectorError (see the module docstring).
+UNEXPECTED_ATTEMPTS = 5
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    if isinstance(exc, ConnectorError):
+        return exc.retriable
+    return isinstance(exc, Exception)
+
+
+class Publisher:
+    """Publishes with the bridge's retry policy and counts what happened."""
+
+    def __init__(self, counters: Counters, *, initial: float = 0.2, maximum: float = 10.0) -> None:
+        self.counters = counters
+        self._wait = backoff(initial, maximum)
+
+    async def publish(self, sink: Sink[T], message: T, *, route: str, where: str) -> None:
+        """Publish `message` to `sink`, retrying while that can help.
+
+        Args:
+            sink: Where to.
+            message: What.
+            route: The route's name, for logs and counters.
+            where: The destination for log lines (topic, room).
+
+        Raises:
+            RejectedMessage: the sink refused the message for good (reason ``refused``, or
+                ``publish_failed`` for an unexpected error).
+        """
+        try:  # the fast path: no retry machinery for a message that goes at once
+            await sink.publish(message)
+            return
+        except ConnectorError as exc:
+            if not exc.retriable:
+                raise RejectedMessage("refused", str(exc)) from exc
+            first: Exception = exc
+        except Exception as exc:  # noqa: BLE001 - see the module docstring
+            first = exc
+        self.counters.inc(f"route.{route}.publish_retries")
+        log.warning("%s: publish to %s failed (%s); retrying with backoff", route, where, first)
+        failures = 1
+        await asyncio.sleep(delay(0))
+
+        def stop(state: RetryCallState) -> bool:
+            exc = state.outcome.exception() if state.outcome else None
+            unexpected = not isinstance(exc, ConnectorError)
+            return unexpected and state.attempt_number >= UNEXPECTED_ATTEMPTS
+
+        def before_sleep(state: RetryCallState) -> None:
+            nonlocal failures
+            failures += 1
+            self.counters.inc(f"route.{route}.publish_retries")
+            exc = state.outcome.exception() if state.outcome else None
+            # One line when a route starts failing (above), then quiet until it recovers.
+            log.debug("%s: publish to %s failed (%s); retrying with backoff", route, where, exc)
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(_worth_retrying),
+            wait=self._wait,
+            stop=stop,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await sink.publish(message)
+        except ConnectorError as exc:
+            raise RejectedMessage("refused", str(exc)) from exc
+        except Exception as exc:
+            log.error("%s: publish to %s failed unexpectedly", route, where, exc_info=exc)
+            raise RejectedMessage("publish_failed", f"{type(exc).__name__}: {exc}") from exc
+        if failures:
+            log.info("%s: publish to %s succeeded after %d retries", route, where, failures)

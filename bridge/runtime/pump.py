@@ -1,0 +1,263 @@
+"""Bus to room: a source's messages delivered concurrently across keys, in order within a key.
+
+One `BusPump` per bus source (an MQTT connection, a Kafka route's consumer, an RPC reply
+reader). Each inbound message goes to the lane of its ordering key (`Inbound.key`: the MQTT
+topic, the Kafka partition); a lane handles its messages one after the other, lanes run
+concurrently, and at most `max_in_flight` messages of the source are in progress at once (the
+bound is the backpressure: the pump stops reading, the source stops acknowledging, the broker
+stops sending). A slow or rejoining room therefore delays only the keys that go to it.
+
+A message is acknowledged once every route it matched delivered it into its room (see
+`RoomSink`); the source turns acknowledgements into protocol order itself (MQTT PUBACKs in
+arrival order, the Kafka commit at the highest contiguous offset). A rejected message is
+decided once by the route's ``on_reject`` (`Rejections`); a message that matches no route is
+counted and acknowledged. An exception that escapes a delivery is a bug: it is logged with its
+traceback and treated as a rejection (reason ``internal_error``), so a lane never dies.
+
+Lanes outlive their last message for `LANE_IDLE` seconds, so a steady stream of messages on a
+key reuses one task instead of creating one per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+from bridge.endpoint import Inbound, Source
+from bridge.envelope import H_SOURCE, Envelope
+from bridge.errors import RejectedMessage
+from bridge.room.types import Counters
+from bridge.router import ToRoomRoute
+from bridge.runtime.dead_letter import Rejected, Rejections
+from bridge.runtime.room_sink import RoomSink
+
+log = logging.getLogger("roombus.pump")
+
+LANE_IDLE = 10.0
+
+
+class RpcRequests(Protocol):
+    """What the pump needs of the request/reply bridge (`bridge.rpcbridge.RpcBridge`)."""
+
+    def take_reply(self, endpoint: str, envelope: Envelope) -> bool:
+        """Whether `envelope` is a reply to a room-to-bus call (then it was consumed)."""
+        ...
+
+    async def submit(
+        self,
+        route: ToRoomRoute,
+        envelope: Envelope,
+        values: dict[str, str],
+        inbound: Inbound[Envelope],
+        *,
+        ack: bool,
+    ) -> None:
+        """Answer a bus request; acknowledges `inbound` itself once replied."""
+        ...
+
+
+class _Lane:
+    __slots__ = ("items", "last_used", "waiter")
+
+    def __init__(self) -> None:
+        self.items: collections.deque[Inbound[Envelope]] = collections.deque()
+        self.waiter: asyncio.Future[bool] | None = None
+        self.last_used = time.monotonic()
+
+
+class BusPump:
+    """Delivers one bus source's messages into rooms (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        source: Source[Envelope],
+        routes: Sequence[ToRoomRoute],
+        *,
+        endpoint: str,
+        room_sink: RoomSink,
+        rejections: Rejections,
+        rpc: RpcRequests | None,
+        counters: Counters,
+        bridge_id: str,
+        max_in_flight: int,
+    ) -> None:
+        self.name = name
+        self.source = source
+        self.routes = list(routes)
+        self.endpoint = endpoint
+        self.room_sink = room_sink
+        self.rejections = rejections
+        self.rpc = rpc
+        self.counters = counters
+        self.bridge_id = bridge_id
+        self.max_in_flight = max_in_flight
+        self._lanes: dict[str, _Lane] = {}
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._in_flight = 0
+        self._reader: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def in_flight(self) -> int:
+        """Messages taken from the source and not yet settled."""
+        return self._in_flight
+
+    async def run(self) -> None:
+        """Read the source and deliver until cancelled, `stop_reading`, or the source ends."""
+        self._stopping = False
+        async with asyncio.TaskGroup() as tg:
+            reaper = tg.create_task(self._reap_idle_lanes(), name=f"roombus[{self.name}].lanes")
+            self._reader = tg.create_task(self._read(tg), name=f"roombus[{self.name}].read")
+            try:
+                await asyncio.shield(self._reader)
+            except asyncio.CancelledError:
+                if not self._stopping:
+                    raise
+            reaper.cancel()
+            # No more messages: let the lanes finish what they hold, then end.
+            for lane in list(self._lanes.values()):
+                if lane.waiter is not None and not lane.waiter.done():
+                    lane.waiter.set_result(False)
+
+    def stop_reading(self) -> None:
+        """Stop taking messages; `run` returns once the deliveries in progress finished."""
+        self._stopping = True
+        if self._reader is not None:
+            self._reader.cancel()
+
+    async def _read(self, tg: asyncio.TaskGroup) -> None:
+        async for inbound in self.source.messages():
+            await self._slots.acquire()
+            self._in_flight += 1
+            lane = self._lanes.get(inbound.key)
+            if lane is None:
+                lane = self._lanes[inbound.key] = _Lane()
+                lane.items.append(inbound)
+                tg.create_task(self._lane(inbound.key, lane), name=f"roombus[{self.name}].lane")
+                continue
+            lane.items.append(inbound)
+            if lane.waiter is not None and not lane.waiter.done():
+                lane.waiter.set_result(True)
+
+    async def _lane(self, key: str, lane: _Lane) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                while lane.items:
+                    inbound = lane.items.popleft()
+                    try:
+                        await self._handle(inbound)
+                    finally:
+                        self._in_flight -= 1
+                        self._slots.release()
+                lane.last_used = time.monotonic()
+                lane.waiter = loop.create_future()
+                if not await lane.waiter:
+                    return
+        finally:
+            if self._lanes.get(key) is lane:
+                del self._lanes[key]
+
+    async def _reap_idle_lanes(self) -> None:
+        while True:
+            await asyncio.sleep(LANE_IDLE)
+            now = time.monotonic()
+            for lane in list(self._lanes.values()):
+                idle = lane.waiter is not None and not lane.waiter.done() and not lane.items
+                if idle and now - lane.last_used > LANE_IDLE and lane.waiter is not None:
+                    lane.waiter.set_result(False)
+
+    async def _handle(self, inbound: Inbound[Envelope]) -> None:
+        envelope = inbound.message
+        if envelope.headers.get(H_SOURCE) == self.bridge_id:
+            self.counters.inc("loop.skipped")
+            await inbound.ack()
+            return
+        if self.rpc is not None and self.rpc.take_reply(self.endpoint, envelope):
+            await inbound.ack()
+            return
+        matched = False
+        settle = True
+        error: RejectedMessage | None = None
+        rpc: list[tuple[ToRoomRoute, dict[str, str]]] = []
+        for route in self.routes:
+            values = route.match(envelope)
+            if values is None:
+                continue
+            matched = True
+            if route.target.kind == "rpc":
+                rpc.append((route, values))
+                continue
+            try:
+                ok, why = await self._deliver(route, envelope, values)
+            except Exception as exc:
+                log.error("%s: delivery failed unexpectedly", route.name, exc_info=exc)
+                ok, why = await self.rejections.decide(
+                    route.name,
+                    route.on_reject,
+                    route.dead_letter,
+                    RejectedMessage("internal_error", f"{type(exc).__name__}: {exc}"),
+                    _rejected(envelope, values),
+                )
+            settle = settle and ok
+            error = error or why
+        if not matched:
+            self.counters.inc(f"source.{self.name}.unmatched")
+        if rpc:
+            # A request is answered once: by the first RPC route it matches. Its task
+            # acknowledges it after the reply (and only if the other routes settled it).
+            if len(rpc) > 1:
+                self.counters.inc(f"source.{self.name}.rpc_extra_routes", len(rpc) - 1)
+            route, values = rpc[0]
+            await self.rpc_submit(route, envelope, values, inbound, ack=settle)
+            return
+        if settle:
+            await inbound.ack(error)
+
+    async def rpc_submit(
+        self,
+        route: ToRoomRoute,
+        envelope: Envelope,
+        values: dict[str, str],
+        inbound: Inbound[Envelope],
+        *,
+        ack: bool,
+    ) -> None:
+        """Hand a request to the RPC bridge (configured whenever a route has an rpc target)."""
+        assert self.rpc is not None
+        await self.rpc.submit(route, envelope, values, inbound, ack=ack)
+
+    async def _deliver(
+        self, route: ToRoomRoute, envelope: Envelope, values: dict[str, str]
+    ) -> tuple[bool, RejectedMessage | None]:
+        """Deliver along one route: (settle, nack error) as `Rejections.decide` returns."""
+        prefix = f"route.{route.name}"
+        # The MQTT 5 expiry is the interval left when the broker sent it, from reception on.
+        if envelope.expiry is not None and time.time() > envelope.received_at + envelope.expiry:
+            self.counters.inc(f"{prefix}.expired")
+            return True, None
+        try:
+            delivery = route.delivery(envelope, values)
+            await self.room_sink.deliver(route.name, delivery, envelope)
+        except RejectedMessage as why:
+            return await self.rejections.decide(
+                route.name, route.on_reject, route.dead_letter, why, _rejected(envelope, values)
+            )
+        self.counters.inc(f"{prefix}.delivered")
+        return True, None
+
+
+def _rejected(envelope: Envelope, values: dict[str, str]) -> Rejected:
+    return Rejected(
+        envelope.payload,
+        values,
+        dict(envelope.headers),
+        envelope.content_type,
+        None,
+        envelope.topic,
+    )

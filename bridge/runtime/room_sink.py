@@ -1,0 +1,134 @@
+"""Bus-to-room deliveries: a `RoomDelivery` into the room it names.
+
+`RoomSink.deliver` returns once the delivery was handed to the room (packets, streams,
+attributes) or to the server API (room metadata, another participant's attributes). A room
+that is rejoining is waited for (a transient failure is never a rejection); what LiveKit
+refuses for good (too large for a packet with ``oversize: reject``, a state update the server
+refuses, invalid UTF-8 for text) raises `RejectedMessage`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+from bridge.envelope import H_CONTENT_TYPE, Envelope
+from bridge.errors import RejectedMessage
+from bridge.retry import delay
+from bridge.room.errors import (
+    DataPacketTooLargeError,
+    NotConnectedError,
+    RoomError,
+    StateUpdateError,
+)
+from bridge.room.room import Room
+from bridge.room.server_api import ServerApi
+from bridge.router import RoomDelivery
+from bridge.runtime.room_link import RoomLink
+
+log = logging.getLogger("roombus.deliver")
+
+
+class RoomSink:
+    """Delivers into the rooms the bridge joins."""
+
+    def __init__(self, links: Mapping[str, RoomLink], server_api: ServerApi | None) -> None:
+        self.links = links
+        self.server_api = server_api
+
+    async def deliver(self, route: str, d: RoomDelivery, envelope: Envelope) -> None:
+        """Deliver `d`; wait while its room rejoins; `RejectedMessage` for a permanent refusal."""
+        link = self.links.get(d.room)
+        if link is None:
+            raise RejectedMessage("unknown_room", f"room {d.room!r} is not one the bridge joins")
+        attempt = 0
+        while True:
+            room = await link.ready()
+            try:
+                await self._deliver_once(room, d, envelope)
+                return
+            except NotConnectedError:
+                pass  # the room is rejoining: wait for it and try again
+            except StateUpdateError as exc:
+                raise RejectedMessage("refused", str(exc)) from exc
+            except RoomError as exc:
+                if not exc.retriable:
+                    raise RejectedMessage("refused", str(exc)) from exc
+                if attempt == 0:
+                    log.warning("%s: delivery into %s failed (%s); retrying", route, d.room, exc)
+            await asyncio.sleep(delay(attempt))
+            attempt += 1
+
+    async def _deliver_once(self, room: Room, d: RoomDelivery, envelope: Envelope) -> None:
+        lp = room.local_participant
+        if d.kind == "packet":
+            try:
+                await lp.publish_data(
+                    d.payload,
+                    reliable=d.reliable,
+                    destination_identities=d.destinations,
+                    topic=d.topic,
+                )
+                return
+            except DataPacketTooLargeError:
+                if not d.oversize_as_stream:
+                    raise RejectedMessage(
+                        "too_large", f"{len(d.payload)} bytes exceed the data packet limit"
+                    ) from None
+            await lp.send_bytes(
+                d.payload,
+                name=d.topic or "message",
+                topic=d.topic or "",
+                destination_identities=d.destinations,
+                attributes=_provenance(d, envelope),
+            )
+        elif d.kind == "text_stream":
+            try:
+                text = d.payload.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise RejectedMessage("invalid_utf8", str(exc)) from exc
+            await lp.send_text(
+                text,
+                topic=d.topic or "",
+                destination_identities=d.destinations,
+                attributes={**_provenance(d, envelope), **d.attributes},
+            )
+        elif d.kind == "byte_stream":
+            await lp.send_bytes(
+                d.payload,
+                name=d.name or "message",
+                mime_type=d.content_type or d.mime_type,
+                topic=d.topic or "",
+                destination_identities=d.destinations,
+                attributes={**_provenance(d, envelope), **d.attributes},
+            )
+        elif d.kind == "attribute":
+            assert d.key is not None
+            await lp.set_attributes({d.key: _text(d)})
+        elif d.kind == "room_metadata":
+            await self._api().update_room_metadata(d.room, _text(d))
+        elif d.kind == "participant_attribute":
+            assert d.identity is not None and d.key is not None
+            await self._api().update_participant(d.room, d.identity, attributes={d.key: _text(d)})
+
+    def _api(self) -> ServerApi:
+        if self.server_api is None:
+            raise RejectedMessage(
+                "no_server_api", "this delivery needs livekit.api_key and api_secret"
+            )
+        return self.server_api
+
+
+def _provenance(d: RoomDelivery, envelope: Envelope) -> dict[str, str]:
+    provenance = {"bus-source": envelope.source, "bus-topic": envelope.topic}
+    if d.content_type:
+        provenance[H_CONTENT_TYPE] = d.content_type
+    return provenance
+
+
+def _text(d: RoomDelivery) -> str:
+    try:
+        return d.payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RejectedMessage("invalid_utf8", str(exc)) from exc
