@@ -1,10 +1,26 @@
 """The Kafka connector: a `Sink` that produces records and a `Source` that consumes them (aiokafka).
 
-`KafkaSink.publish` returns only once the broker acknowledged the record (idempotent producer,
-`acks=all` by default); while the cluster is unreachable it keeps retrying until the settings'
-`delivery_timeout` runs out and then raises — it never reports success without an ack.
+Both implement `bridge.endpoint` (``Sink[Outbound]``, ``Source[Envelope]``): async context
+managers with a ``connected`` property; ``start``/``stop`` do the same as entering and leaving.
 
-`KafkaSource.messages` yields records in partition order with an `ack` each. Offsets are committed
+Degraded, not dead: entering an endpoint whose cluster is unreachable does not fail. It reports
+``connected`` False, connects in the background with capped full-jitter exponential backoff
+(``reconnect_backoff`` .. ``reconnect_backoff_max``, tenacity) and becomes connected by itself.
+Only what no retry can fix raises at start: SASL rejected, TLS verification failed, settings
+that cannot work (and, on a cluster that answers, a topic that does not exist). aiokafka's own
+reconnects get the same backoff (it has none: while a broker is down it retried at once, in a
+loop that burnt a core), and its per-attempt log lines are filtered out: the connector logs one
+line when the cluster becomes unreachable and one when it is reachable again.
+
+`KafkaSink.publish` returns only once the broker acknowledged the record (idempotent producer,
+`acks=all` by default); while the cluster is unreachable (or not connected yet) it waits and
+retries until the settings' `delivery_timeout` runs out (or the caller cancels) and then raises
+a retriable error — it never reports success without an ack. Concurrent publishes share batches
+(``linger``) and keep their call order per partition.
+
+`KafkaSource.messages` yields records in partition order with an `ack` each; ``ack(rejection)``
+(a nack) settles the record like an ack (the commit moves past it) and counts
+``kafka.nacked``. Offsets are committed
 manually: the highest *contiguous* acknowledged offset per partition (acks may arrive out of
 order), periodically, when partitions are revoked in a rebalance, and on `stop`. At most
 `max_in_flight` records are unacknowledged at any time; beyond that the source pauses its
@@ -16,12 +32,15 @@ Errors (``retriable`` is data on every one; messages say "who: what failed: why"
     ConnectorError (bridge/errors.py)
     └── KafkaConnectorError        anything this connector raises (alias KafkaError)
         ├── KafkaConfigError       settings that can never work (bad combination, no library)
-        ├── KafkaConnectError      bootstrap failed: unreachable, refused, TLS (retriable)
-        │   └── KafkaAuthError     SASL credentials or mechanism rejected (not retriable)
+        ├── KafkaConnectError      bootstrap failed: unreachable, refused (retriable)
+        │   ├── KafkaAuthError     SASL credentials or mechanism rejected (not retriable)
+        │   └── KafkaTlsError      TLS verification failed (not retriable)
         ├── KafkaUnknownTopicError the topic does not exist and the cluster will not create it
-        ├── KafkaRecordTooLargeError  over max_request_size or the broker's limit
-        ├── KafkaInvalidMessageError  not a possible record (e.g. a tombstone without a key)
-        ├── KafkaDeliveryError     no ack within delivery_timeout (retriable), or refused
+        ├── KafkaRecordTooLargeError  over max_request_size or the broker's limit (not retriable)
+        ├── KafkaInvalidMessageError  not a possible record: a tombstone without a key, an
+        │                             invalid topic name (not retriable)
+        ├── KafkaDeliveryError     no ack within delivery_timeout (retriable), or refused, e.g.
+        │                          topic authorization failed (not retriable)
         └── KafkaClosedError       publish or messages() on a connector not started
 
 Inbound record headers are decoded as UTF-8. A header whose value is not valid UTF-8 is dropped
@@ -36,11 +55,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
+import re
 import ssl
 import time
+import weakref
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Hashable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, Literal, Self, TypeVar
@@ -49,6 +71,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka import errors as kerrors
 from aiokafka.conn import create_conn
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
 from bridge.endpoint import Ack, Inbound
 from bridge.envelope import H_CONTENT_TYPE, Envelope, Outbound
@@ -78,6 +101,8 @@ KafkaError = KafkaConnectorError
 class KafkaConfigError(KafkaConnectorError):
     """Settings that cannot work, whatever the cluster does."""
 
+    retriable = False
+
 
 class KafkaConnectError(KafkaConnectorError):
     """Bootstrapping failed: no broker could be reached (or TLS failed)."""
@@ -91,26 +116,43 @@ class KafkaAuthError(KafkaConnectError):
     retriable = False
 
 
+class KafkaTlsError(KafkaConnectError):
+    """The TLS handshake failed verification (certificate, host name, protocol)."""
+
+    retriable = False
+
+
 class KafkaUnknownTopicError(KafkaConnectorError):
     """The topic does not exist and the cluster does not create topics automatically."""
+
+    retriable = False
 
 
 class KafkaRecordTooLargeError(KafkaConnectorError):
     """The record is larger than the producer's max_request_size or the broker's limit."""
 
+    retriable = False
+
 
 class KafkaInvalidMessageError(KafkaConnectorError):
-    """The message cannot be turned into a Kafka record."""
+    """The message cannot be turned into a Kafka record (also: an invalid topic name)."""
+
+    retriable = False
 
 
 class KafkaDeliveryError(KafkaConnectorError):
-    """The record was not acknowledged: timed out, or refused by the broker."""
+    """The record was not acknowledged: timed out (retriable), or refused by the broker.
+
+    A refusal (e.g. topic authorization failed) is raised with ``retriable=False``.
+    """
 
     retriable = True
 
 
 class KafkaClosedError(KafkaConnectorError):
     """The connector is not started (or already stopped)."""
+
+    retriable = False
 
 
 # ------------------------------------------------------------------------------------- settings
@@ -134,10 +176,17 @@ class KafkaSettings:
         enable_idempotence: The idempotent producer (no duplicates from producer retries).
         compression: Record batch compression.
         max_request_size: Largest record (serialized) the producer accepts, in bytes.
+        linger: Seconds the producer waits to fill a batch: concurrent publishes share
+            batches (one request, one socket write for many records).
+        batch_size: Largest record batch per partition, in bytes.
         request_timeout: Seconds for one request, and how long a batch may wait for a broker.
-        connect_timeout: Seconds ``start`` may take to bootstrap.
+        connect_timeout: Seconds one connection attempt of ``start`` may take.
         delivery_timeout: Seconds ``publish`` keeps retrying while the cluster is unreachable.
         retry_backoff: Seconds between retries (metadata, produce, publish).
+        reconnect_backoff: Scale of the reconnect backoff: after the n-th failed attempt to
+            reach a broker the next waits a random time in [0, min(max, this * 2^(n-1))] (capped
+            full-jitter exponential backoff), at start and around aiokafka's own reconnects.
+        reconnect_backoff_max: Cap of that backoff, in seconds.
     """
 
     bootstrap_servers: Sequence[str]
@@ -153,10 +202,14 @@ class KafkaSettings:
     enable_idempotence: bool = True
     compression: Compression = "none"
     max_request_size: int = 1048576
+    linger: float = 0.005
+    batch_size: int = 65536
     request_timeout: float = 30.0
     connect_timeout: float = 10.0
     delivery_timeout: float = 120.0
     retry_backoff: float = 0.2
+    reconnect_backoff: float = 0.2
+    reconnect_backoff_max: float = 10.0
 
     def __post_init__(self) -> None:
         if isinstance(self.bootstrap_servers, str):
@@ -194,11 +247,20 @@ class KafkaSettings:
             )
         if (self.cert_file is None) != (self.key_file is None):
             raise KafkaConfigError("cert_file/key_file: give both or neither")
-        for name in ("request_timeout", "connect_timeout", "delivery_timeout"):
+        for name in (
+            "request_timeout",
+            "connect_timeout",
+            "delivery_timeout",
+            "reconnect_backoff",
+            "max_request_size",
+            "batch_size",
+        ):
             if getattr(self, name) <= 0:
                 raise KafkaConfigError(f"{name}: must be positive")
-        if self.max_request_size <= 0:
-            raise KafkaConfigError("max_request_size: must be positive")
+        if self.linger < 0 or self.retry_backoff < 0:
+            raise KafkaConfigError("linger/retry_backoff: must not be negative")
+        if self.reconnect_backoff_max < self.reconnect_backoff:
+            raise KafkaConfigError("reconnect_backoff_max: must be at least reconnect_backoff")
 
     @property
     def cluster(self) -> str:
@@ -404,9 +466,230 @@ async def _start_error(
             f"{where}: authentication rejected ({settings.sasl_mechanism} as "
             f"{settings.username!r}): {_why(cause)}"
         )
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return KafkaTlsError(f"{where}: TLS verification failed: {_why(cause)}")
     if isinstance(cause, TimeoutError):
         return KafkaConnectError(f"{where}: no answer within {settings.connect_timeout:g} s")
     return KafkaConnectError(f"{where}: {_why(cause)}")
+
+
+# ------------------------------------------------------------------ reachability, backoff, logs
+
+# aiokafka's connection-failure lines: the connector reports reachability itself, once per state
+# change, so these add nothing but volume (thousands per second during an outage otherwise).
+_CONNECTIVITY_NOISE = frozenset(
+    {
+        'Unable connect to "%s:%s": %s',
+        'Unable to request metadata from "%s:%s": %s',
+        "Unable to request metadata from node with id %s: %r",
+        "Unable to update metadata from %s",
+        "Unable connect to node with id %s: %s",
+    }
+)
+
+#: Endpoints whose cluster is unreachable right now (aiokafka's warnings are symptoms then).
+_outages: set[_Reachability] = set()
+
+
+class _OutageLogFilter(logging.Filter):
+    """Drops aiokafka's per-attempt connectivity lines; the connector logs the state changes.
+
+    Always dropped: aiokafka's "unable to connect / to update metadata" lines. While any Kafka
+    endpoint of this process reports its cluster unreachable, every other aiokafka WARNING and
+    ERROR (coordinator dead, heartbeat failed, produce error...) is dropped too: they are
+    consequences of the outage. Records with a traceback and CRITICAL ones always pass, and
+    everything passes when the ``aiokafka`` logger is set to DEBUG.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or record.levelno >= logging.CRITICAL:
+            return True
+        if record.exc_info is not None:
+            return True
+        if logging.getLogger("aiokafka").isEnabledFor(logging.DEBUG):
+            return True
+        if record.msg in _CONNECTIVITY_NOISE:
+            return False
+        return not _outages
+
+
+_OUTAGE_FILTER = _OutageLogFilter()
+
+
+def tame_aiokafka_logs() -> None:
+    """Install `_OutageLogFilter` on every aiokafka logger; idempotent.
+
+    A filter on a logger sees only the records logged on that very logger (not those of its
+    children), so it goes on each of aiokafka's module loggers. Called by every endpoint.
+    """
+    names = [n for n in logging.root.manager.loggerDict if n.split(".", 1)[0] == "aiokafka"]
+    for name in ("aiokafka", *names):
+        logger = logging.getLogger(name)
+        if _OUTAGE_FILTER not in logger.filters:
+            logger.addFilter(_OUTAGE_FILTER)
+
+
+class _Reachability:
+    """Whether one endpoint's cluster answers; logs each change of state, once.
+
+    ``down`` is called on every failed attempt but logs only the first of a run; ``up`` logs
+    the recovery with the outage's duration.
+    """
+
+    def __init__(self, who: str, cluster: str) -> None:
+        self.who = who
+        self.cluster = cluster
+        self.connected = False
+        self.outages = 0
+        self._down_since: float | None = None
+        self._up = asyncio.Event()
+        self._down = asyncio.Event()
+
+    def up(self) -> None:
+        if self.connected:
+            return
+        self.connected = True
+        self._up.set()
+        self._down.clear()
+        _outages.discard(self)
+        if self._down_since is not None:
+            log.info(
+                "%s: cluster %s reachable again after %.1f s",
+                self.who,
+                self.cluster,
+                time.monotonic() - self._down_since,
+            )
+            self._down_since = None
+
+    def down(self, why: str) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            self.outages += 1
+            log.warning(
+                "%s: cluster %s unreachable: %s; retrying with backoff", self.who, self.cluster, why
+            )
+        self.connected = False
+        self._up.clear()
+        self._down.set()
+        _outages.add(self)
+
+    def reset(self) -> None:
+        """Closed: neither up nor down (no outage to report)."""
+        self.connected = False
+        self._down_since = None
+        self._up.clear()
+        self._down.clear()
+        _outages.discard(self)
+
+    async def wait_down(self) -> None:
+        await self._down.wait()
+
+
+def backoff_delay(settings: KafkaSettings, attempt: int) -> float:
+    """Capped full-jitter exponential backoff before retry `attempt` (1-based), in seconds."""
+    wait = wait_random_exponential(
+        multiplier=settings.reconnect_backoff, max=settings.reconnect_backoff_max
+    )
+    state = RetryCallState(retry_object=AsyncRetrying(), fn=None, args=(), kwargs={})
+    state.attempt_number = attempt
+    return float(wait(state))
+
+
+def _throttle_reconnects(client: Any, reach: _Reachability, settings: KafkaSettings) -> None:
+    """Give aiokafka's client the reconnect backoff it lacks (0.14 has no reconnect_backoff_ms).
+
+    aiokafka retries a failed connection as soon as anyone asks again, and while the cluster is
+    down its sender asks in a loop (unknown leader → metadata update → connection refused at
+    once → again): a full core and thousands of log lines per second. Wrapping the client's
+    ``_get_conn`` makes every caller wait, after a node's failed attempt, for a capped jittered
+    exponential delay before the next attempt to that node; a success clears it. The same hook
+    reports reachability: a failed attempt means down, a connection means up again.
+    """
+    original = client._get_conn
+    loop = asyncio.get_running_loop()
+    failures: dict[Any, int] = {}
+    not_before: dict[Any, float] = {}
+
+    async def get_conn(node_id: Any, **kwargs: Any) -> Any:
+        # A deadline, not an event: a later failure may push it further while we sleep.
+        while (delay := not_before.get(node_id, 0.0) - loop.time()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(delay)
+        conn = await original(node_id, **kwargs)
+        if conn is None:
+            attempt = failures[node_id] = failures.get(node_id, 0) + 1
+            not_before[node_id] = loop.time() + backoff_delay(settings, attempt)
+            broker = client.cluster.broker_metadata(node_id)
+            where = f"{broker.host}:{broker.port}" if broker is not None else f"node {node_id}"
+            reach.down(f"cannot connect to broker {where}")
+        else:
+            failures.pop(node_id, None)
+            not_before.pop(node_id, None)
+            if failures:  # forget nodes that left the cluster
+                known = {b.nodeId for b in client.cluster.brokers()}
+                for gone in [n for n in failures if n not in known]:
+                    failures.pop(gone)
+                    not_before.pop(gone, None)
+            if not failures:
+                reach.up()
+        return conn
+
+    client._get_conn = get_conn
+
+
+async def _probe_while_down(
+    client_of: Callable[[], Any], reach: _Reachability, settings: KafkaSettings
+) -> None:
+    """While the cluster is unreachable, refresh metadata now and then.
+
+    An idle producer would otherwise not try again until its next publish, and ``connected``
+    would stay False after the cluster came back. The throttled reconnects pace the attempts;
+    the sleep only guards against a metadata update that fails without trying a connection.
+    """
+    loop = asyncio.get_running_loop()
+    while True:
+        await reach.wait_down()
+        began = loop.time()
+        client = client_of()  # the current one: a sink may have replaced its producer
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(settings.request_timeout):
+                await client.force_metadata_update()
+        await asyncio.sleep(max(0.0, settings.reconnect_backoff - (loop.time() - began)))
+
+
+def _retriable(exc: BaseException) -> bool:
+    return isinstance(exc, ConnectorError) and exc.retriable
+
+
+async def _stop_task(task: asyncio.Task[Any] | None) -> None:
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _detail(error: KafkaConnectorError) -> str:
+    """The "why" of a "who: what failed: why" message."""
+    return str(error).split(" failed: ", 1)[-1]
+
+
+# Kafka's own rule for topic names (kafka.common.internals.Topic).
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def _invalid_topic(topic: str) -> str | None:
+    if topic in (".", "..") or not _TOPIC_NAME.fullmatch(topic):
+        return (
+            f"{topic!r} is not a valid Kafka topic name (1 to 249 of A-Z a-z 0-9 . _ -, "
+            "not '.' or '..')"
+        )
+    return None
+
+
+_TOO_LARGE: tuple[type[BaseException], ...] = (
+    kerrors.MessageSizeTooLargeError,  # producer's max_request_size, or broker MESSAGE_TOO_LARGE
+    kerrors.RecordListTooLargeError,
+    kerrors.RecordTooLargeError,
+)
 
 
 # ------------------------------------------------------------------------------------------ sink
@@ -416,15 +699,36 @@ class KafkaSink:
     """Publishes `Outbound` messages as Kafka records; implements `bridge.endpoint.Sink`.
 
     Use as ``async with KafkaSink("kafka:main", settings) as sink: await sink.publish(msg)``.
+
+    Entering never fails because the cluster is unreachable: the sink then reports
+    ``connected`` False and connects in the background with capped jittered backoff. Only what
+    no retry can fix raises there (`KafkaAuthError`, `KafkaTlsError`, `KafkaConfigError`).
+
+    Concurrent ``publish`` calls share the producer's batches (``linger``); records of one topic
+    are appended in the order the calls were made, and with ``acks=all`` plus the idempotent
+    producer each partition keeps that order on the broker. A publish that fails and is retried
+    by its caller is a new append: it may land after later ones.
     """
 
     def __init__(self, name: str, settings: KafkaSettings) -> None:
+        tame_aiokafka_logs()
         self.name = name
         self.settings = settings
         self.counters: Counter[str] = Counter()
         self._producer: AIOKafkaProducer | None = None
         self._generation = 0  # bumped whenever the producer is replaced
         self._lock = asyncio.Lock()
+        self._opened = False  # between start() and stop()
+        self._fatal: KafkaConnectorError | None = None  # a background connect no retry can fix
+        self._reach = _Reachability(name, settings.cluster)
+        self._connect_task: asyncio.Task[None] | None = None
+        self._probe_task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()  # replaced on every change of producer or state
+        # One lock per topic, held only while send() appends the record: call order = append
+        # order, even when send() has to wait (metadata, a full batch).
+        self._append_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -440,23 +744,87 @@ class KafkaSink:
 
     @property
     def started(self) -> bool:
-        """Whether the producer is running."""
-        return self._producer is not None
+        """Whether the sink is open (between `start` and `stop`), connected or not."""
+        return self._opened
+
+    @property
+    def connected(self) -> bool:
+        """True while the producer runs and the cluster answers."""
+        return self._producer is not None and self._reach.connected
 
     async def start(self) -> None:
-        """Bootstrap the producer; idempotent.
+        """Start the producer, or start connecting in the background; idempotent.
+
+        Waits for the first attempt (at most ``connect_timeout``); if the cluster is
+        unreachable it returns anyway and keeps trying.
 
         Raises:
-            KafkaConnectError: no broker reachable within ``connect_timeout``.
             KafkaAuthError: SASL rejected.
+            KafkaTlsError: the TLS handshake failed verification.
             KafkaConfigError: e.g. the compression library is missing.
         """
         async with self._lock:
-            if self._producer is not None:
+            if self._opened:
                 return
-            self._producer = await self._new_producer(self.settings.connect_timeout)
-            self._generation += 1
-            log.info("%s: producer connected to %s", self.name, self.settings.cluster)
+            self._fatal = None
+            try:
+                producer = await self._new_producer(self.settings.connect_timeout)
+            except KafkaConnectorError as exc:
+                if not exc.retriable:
+                    raise
+                self._reach.down(_detail(exc))
+                self._opened = True
+                self._connect_task = asyncio.create_task(
+                    self._connect_in_background(), name=f"{self.name}:connect"
+                )
+                return
+            self._opened = True
+            self._install(producer)
+
+    def _install(self, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+        self._generation += 1
+        self._reach.up()
+        if self._probe_task is None:
+            self._probe_task = asyncio.create_task(
+                _probe_while_down(self._current_client, self._reach, self.settings),
+                name=f"{self.name}:probe",
+            )
+        self._notify()
+        log.info("%s: producer connected to %s", self.name, self.settings.cluster)
+
+    def _current_client(self) -> Any:
+        return None if self._producer is None else self._producer.client
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _connect_in_background(self) -> None:
+        def count(_: RetryCallState) -> None:
+            self.counters["kafka.connect_retry"] += 1
+
+        try:
+            async for attempt in AsyncRetrying(
+                wait=wait_random_exponential(
+                    multiplier=self.settings.reconnect_backoff,
+                    max=self.settings.reconnect_backoff_max,
+                ),
+                retry=retry_if_exception(_retriable),
+                before_sleep=count,
+                reraise=True,
+            ):
+                with attempt:
+                    producer = await self._new_producer(self.settings.connect_timeout)
+        except KafkaConnectorError as exc:
+            self._fatal = exc
+            self._notify()
+            log.error("%s; not retrying", exc)
+            return
+        if not self._opened:  # stop() won the race
+            await producer.stop()
+            return
+        self._install(producer)
 
     async def _new_producer(self, start_within: float) -> AIOKafkaProducer:
         s = self.settings
@@ -467,9 +835,12 @@ class KafkaSink:
                 enable_idempotence=s.enable_idempotence,
                 compression_type=None if s.compression == "none" else s.compression,
                 max_request_size=s.max_request_size,
+                linger_ms=int(s.linger * 1000),
+                max_batch_size=s.batch_size,
             )
         except (RuntimeError, ValueError) as exc:
             raise KafkaConfigError(f"{self.name}: producer settings: {exc}") from exc
+        _throttle_reconnects(producer.client, self._reach, s)
         try:
             async with asyncio.timeout(start_within):
                 await producer.start()
@@ -496,13 +867,21 @@ class KafkaSink:
             self._generation += 1
             self.counters["kafka.producer_reset"] += 1
             log.warning("%s: producer sequence state broken: replaced the producer", self.name)
+            self._notify()
         # Its pending batches fail with the same error; their publishers retry on `fresh`.
         await old.stop()
 
     async def stop(self) -> None:
         """Flush what is queued and close; idempotent."""
+        connect, self._connect_task = self._connect_task, None
+        await _stop_task(connect)
+        probe, self._probe_task = self._probe_task, None
+        await _stop_task(probe)
         async with self._lock:
+            self._opened = False
             producer, self._producer = self._producer, None
+            self._reach.reset()
+            self._notify()
             if producer is not None:
                 await producer.stop()
 
@@ -511,31 +890,39 @@ class KafkaSink:
 
         ``payload=None`` produces a tombstone (which needs a key). Headers become record headers
         (values UTF-8 encoded); ``content_type`` becomes a ``content-type`` header unless one is
-        already present. While the cluster is unreachable this retries until
-        ``delivery_timeout``.
+        already present.
+
+        While the cluster is unreachable (also before the sink ever connected) the call waits
+        and retries, until ``delivery_timeout`` or until the caller cancels it, and then raises
+        a retriable `KafkaDeliveryError`: it never fails at once because Kafka is away.
 
         Raises:
             KafkaClosedError: the sink is not started.
-            KafkaInvalidMessageError: a tombstone without a key.
+            KafkaInvalidMessageError: a tombstone without a key, an invalid topic name.
             KafkaRecordTooLargeError: larger than ``max_request_size`` or the broker's limit.
             KafkaUnknownTopicError: the topic does not exist and is not created automatically.
             KafkaDeliveryError: no acknowledgement within ``delivery_timeout`` (retriable), or
-                the broker refused the record.
+                the broker refused the record (not retriable).
+            KafkaAuthError, KafkaTlsError: the background connect met an error no retry fixes.
         """
-        if self._producer is None:
+        if not self._opened:
             raise KafkaClosedError(f"{self.name}: publish to {message.topic}: sink not started")
+        what = f"{self.name}: publish to {message.topic} on {self.settings.cluster}"
         if message.payload is None and message.key is None:
             self.counters["kafka.invalid_message"] += 1
             raise KafkaInvalidMessageError(
                 f"{self.name}: publish to {message.topic}: a tombstone (payload None) needs a key"
             )
+        invalid = _invalid_topic(message.topic)
+        if invalid is not None:
+            self.counters["kafka.invalid_topic"] += 1
+            raise KafkaInvalidMessageError(f"{what} failed: {invalid}")
         headers = [(k, v.encode()) for k, v in message.headers]
         if message.content_type is not None and not any(
             k.lower() == H_CONTENT_TYPE for k, _ in message.headers
         ):
             headers.append((H_CONTENT_TYPE, message.content_type.encode()))
         s = self.settings
-        what = f"{self.name}: publish to {message.topic} on {s.cluster}"
         deadline = time.monotonic() + s.delivery_timeout
         attempt = 0
         last: BaseException | None = None
@@ -544,30 +931,49 @@ class KafkaSink:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.counters["kafka.delivery_timeout"] += 1
+                state = "" if self.connected else "; cluster unreachable"
                 raise KafkaDeliveryError(
                     f"{what} failed: no acknowledgement within {s.delivery_timeout:g} s "
-                    f"({attempt - 1} attempts; last error: {_why(last) if last else 'none'})"
+                    f"({attempt - 1} attempts{state}; last error: "
+                    f"{_why(last) if last else 'none'})"
                 ) from last
+            if self._fatal is not None:
+                raise copy.copy(self._fatal) from self._fatal
+            if not self._opened:
+                raise KafkaClosedError(f"{what} failed: sink stopped")
             producer, generation = self._producer, self._generation
             if producer is None:
-                raise KafkaClosedError(f"{what} failed: sink stopped")
+                # Not connected yet: wait for the background connect (or stop, or the deadline).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await self._changed.wait()
+                continue
             try:
                 async with asyncio.timeout(remaining):
-                    # Cancelling send() itself drops the record; once queued it may still be
-                    # written after we gave up, which at-least-once delivery allows.
-                    future = await producer.send(
-                        message.topic, message.payload, key=message.key, headers=headers
-                    )
+                    lock = self._append_locks.get(message.topic)
+                    if lock is None:
+                        lock = self._append_locks[message.topic] = asyncio.Lock()
+                    async with lock:
+                        # Cancelling send() itself drops the record; once queued it may still
+                        # be written after we gave up, which at-least-once delivery allows.
+                        future = await producer.send(
+                            message.topic, message.payload, key=message.key, headers=headers
+                        )
                     await future
             except TimeoutError as exc:
                 last = exc
                 continue
-            except kerrors.MessageSizeTooLargeError as exc:
+            except _TOO_LARGE as exc:
                 self.counters["kafka.record_too_large"] += 1
                 size = len(message.payload or b"") + len(message.key or b"")
                 raise KafkaRecordTooLargeError(
                     f"{what} failed: record too large ({size} bytes of key and payload; "
                     f"max_request_size {s.max_request_size}): {_why(exc)}"
+                ) from exc
+            except kerrors.InvalidTopicError as exc:
+                self.counters["kafka.invalid_topic"] += 1
+                raise KafkaInvalidMessageError(
+                    f"{what} failed: the broker refused the topic name: {_why(exc)}"
                 ) from exc
             except kerrors.UnknownTopicOrPartitionError as exc:
                 # aiokafka raises this both for a missing topic and when no metadata could be
@@ -586,8 +992,11 @@ class KafkaSink:
                         generation, max(0.1, min(s.connect_timeout, deadline - time.monotonic()))
                     )
                 except KafkaConnectError as reset_exc:
+                    if not reset_exc.retriable:
+                        raise
                     last = reset_exc  # the cluster is still away: keep trying until the deadline
             except kerrors.TopicAuthorizationFailedError as exc:
+                self.counters["kafka.not_authorized"] += 1
                 raise KafkaDeliveryError(
                     f"{what} failed: not authorised for this topic", retriable=False
                 ) from exc
@@ -653,6 +1062,7 @@ class KafkaSource:
         commit_interval: float = 1.0,
         poll_timeout: float = 0.2,
     ) -> None:
+        tame_aiokafka_logs()
         if not topics:
             raise KafkaConfigError(f"{name}: topics: at least one topic is required")
         if max_in_flight < 1:
@@ -678,6 +1088,12 @@ class KafkaSource:
         self._acked = asyncio.Event()
         self._paused = False
         self._stopping = False
+        self._opened = False  # between start() and stop()
+        self._fatal: KafkaConnectorError | None = None  # a background connect no retry can fix
+        self._reach = _Reachability(name, settings.cluster)
+        self._connect_task: asyncio.Task[None] | None = None
+        self._probe_task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()  # replaced on every change of consumer or state
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -712,19 +1128,47 @@ class KafkaSource:
         assignment = self._consumer.assignment()
         return bool(assignment) and assignment <= self._positioned
 
+    @property
+    def connected(self) -> bool:
+        """True while the consumer runs and the cluster answers."""
+        return self._consumer is not None and self._reach.connected
+
     async def start(self) -> None:
         """Connect, check the topics exist, and join the group; idempotent.
 
+        Waits for the first attempt (at most ``connect_timeout``, plus ``request_timeout`` for
+        the topics to appear); if the cluster is unreachable it returns anyway, reports
+        ``connected`` False and keeps connecting in the background with capped jittered
+        backoff. `messages` yields nothing until then.
+
         Raises:
-            KafkaConnectError: no broker reachable within ``connect_timeout``.
             KafkaAuthError: SASL rejected.
+            KafkaTlsError: the TLS handshake failed verification.
             KafkaUnknownTopicError: a topic does not exist (and is not auto-created) within
-                ``request_timeout``.
+                ``request_timeout``, on a cluster that answers.
         """
         async with self._lifecycle:
-            if self._consumer is not None:
+            if self._opened:
                 return
-            s = self.settings
+            self._fatal = None
+            self._stopping = False
+            try:
+                consumer = await self._connect_once()
+            except KafkaConnectorError as exc:
+                if not exc.retriable:
+                    raise
+                self._reach.down(_detail(exc))
+                self._opened = True
+                self._connect_task = asyncio.create_task(
+                    self._connect_in_background(), name=f"{self.name}:connect"
+                )
+                return
+            self._opened = True
+            self._install(consumer)
+
+    async def _connect_once(self) -> AIOKafkaConsumer:
+        s = self.settings
+        try:
             consumer = AIOKafkaConsumer(
                 **s.client_kwargs(),
                 group_id=self.group_id,
@@ -733,25 +1177,64 @@ class KafkaSource:
                 # Never let Kafka hand out uncommitted transactional data.
                 isolation_level="read_committed",
             )
-            try:
-                async with asyncio.timeout(s.connect_timeout):
-                    await consumer.start()
-            except (OSError, TimeoutError, kerrors.KafkaError) as exc:
-                await consumer.stop()
-                error = await _start_error(self.name, s, exc)
-                raise error from exc
-            try:
-                consumer.subscribe(list(self.topics), listener=_Rebalance(self))
-                await self._await_topics(consumer)
-            except BaseException:
-                await consumer.stop()
-                raise
-            self._consumer = consumer
-            self._stopping = False
-            self._commit_task = asyncio.create_task(self._commit_loop(), name=f"{self.name}:commit")
-            log.info(
-                "%s: consuming %s as group %s", self.name, ",".join(self.topics), self.group_id
-            )
+        except (RuntimeError, ValueError) as exc:
+            raise KafkaConfigError(f"{self.name}: consumer settings: {exc}") from exc
+        _throttle_reconnects(consumer._client, self._reach, s)
+        try:
+            async with asyncio.timeout(s.connect_timeout):
+                await consumer.start()
+        except (OSError, TimeoutError, kerrors.KafkaError) as exc:
+            await consumer.stop()
+            error = await _start_error(self.name, s, exc)
+            raise error from exc
+        try:
+            consumer.subscribe(list(self.topics), listener=_Rebalance(self))
+            await self._await_topics(consumer)
+        except BaseException:
+            await consumer.stop()
+            raise
+        return consumer
+
+    async def _connect_in_background(self) -> None:
+        def count(_: RetryCallState) -> None:
+            self.counters["kafka.connect_retry"] += 1
+
+        try:
+            async for attempt in AsyncRetrying(
+                wait=wait_random_exponential(
+                    multiplier=self.settings.reconnect_backoff,
+                    max=self.settings.reconnect_backoff_max,
+                ),
+                retry=retry_if_exception(_retriable),
+                before_sleep=count,
+                reraise=True,
+            ):
+                with attempt:
+                    consumer = await self._connect_once()
+        except KafkaConnectorError as exc:
+            self._fatal = exc
+            self._notify()
+            log.error("%s; not retrying", exc)
+            return
+        if not self._opened:  # stop() won the race
+            await consumer.stop()
+            return
+        self._install(consumer)
+
+    def _install(self, consumer: AIOKafkaConsumer) -> None:
+        self._consumer = consumer
+        self._reach.up()
+        self._commit_task = asyncio.create_task(self._commit_loop(), name=f"{self.name}:commit")
+        self._probe_task = asyncio.create_task(
+            _probe_while_down(lambda: consumer._client, self._reach, self.settings),
+            name=f"{self.name}:probe",
+        )
+        self._notify()
+        log.info("%s: consuming %s as group %s", self.name, ",".join(self.topics), self.group_id)
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     async def _await_topics(self, consumer: AIOKafkaConsumer) -> None:
         # The subscription's own metadata requests create the topics where the cluster
@@ -762,7 +1245,11 @@ class KafkaSource:
                 known: set[str] = await consumer.topics()
             except kerrors.KafkaError:
                 known = set()
-            missing = [t for t in self.topics if t not in known]
+            # Listed is not enough: the group assigns only partitions that are in this
+            # consumer's own metadata, which aiokafka otherwise refreshes every 5 minutes.
+            missing = [
+                t for t in self.topics if t not in known or not consumer.partitions_for_topic(t)
+            ]
             if not missing:
                 return
             if time.monotonic() >= deadline:
@@ -772,6 +1259,8 @@ class KafkaSource:
                     f"topic {', '.join(missing)} does not exist and the cluster does not create "
                     "it automatically"
                 )
+            with contextlib.suppress(kerrors.KafkaError):
+                await consumer._client.force_metadata_update()
             await asyncio.sleep(self.settings.retry_backoff)
 
     async def stop(self) -> None:
@@ -787,21 +1276,30 @@ class KafkaSource:
 
     async def _close(self, *, commit: bool) -> None:
         async with self._lifecycle:
-            consumer = self._consumer
-            if consumer is None:
+            if not self._opened:
                 return
+            self._opened = False
             self._stopping = True
             self._acked.set()  # wake messages() if it waits for acks
-            for task in (self._commit_task, self._position_task):
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+            self._notify()
+            tasks = (self._connect_task, self._probe_task, self._commit_task, self._position_task)
+            for task in tasks:
+                await _stop_task(task)
+            self._connect_task = self._probe_task = None
             self._commit_task = self._position_task = None
             self._positioned = frozenset()
+            consumer = self._consumer
+            if consumer is None:  # never connected
+                self._reach.reset()
+                log.info("%s: stopped (never connected)", self.name)
+                return
             if commit:
-                await self.commit()
+                # Bounded: with the cluster away the commit could otherwise wait for ever.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.settings.request_timeout):
+                        await self.commit()
             self._consumer = None
+            self._reach.reset()
             # Leaving the group: aiokafka sends LeaveGroup, so the partitions move at once.
             await consumer.stop()
             self._tracker.drop(self._tracker.partitions())
@@ -828,7 +1326,9 @@ class KafkaSource:
                 return
             except (kerrors.KafkaError, OSError) as exc:
                 self.counters["kafka.commit_retry"] += 1
-                log.warning("%s: commit failed, will retry: %s", self.name, _why(exc))
+                # During an outage the reachability line says it all: no line per attempt.
+                level = logging.WARNING if self._reach.connected else logging.DEBUG
+                log.log(level, "%s: commit failed, will retry: %s", self.name, _why(exc))
                 return
             self._tracker.mark_committed(positions)
             self.counters["kafka.commits"] += 1
@@ -874,15 +1374,26 @@ class KafkaSource:
     async def messages(self) -> AsyncIterator[Inbound[Envelope]]:
         """Records as `Inbound` messages, in order per partition, until `stop`.
 
+        While the source has not connected yet it yields nothing (and waits).
+
         Raises:
-            KafkaClosedError: the source is not started.
+            KafkaClosedError: the source was never started (a closed one just ends).
+            KafkaAuthError, KafkaTlsError, KafkaUnknownTopicError: the background connect met
+                an error no retry fixes.
         """
-        if self._consumer is None:
+        if not self._opened:
+            if self._stopping:
+                return  # closed: the contract says messages() ends
             raise KafkaClosedError(f"{self.name}: messages(): source not started")
         while not self._stopping:
             consumer = self._consumer
             if consumer is None:
-                return
+                if self._fatal is not None:
+                    raise copy.copy(self._fatal) from self._fatal
+                if not self._opened:
+                    return
+                await self._changed.wait()  # connected, failed for good, or stopped
+                continue
             room = self.max_in_flight - self._tracker.in_flight
             self._set_paused(consumer, room <= 0)
             if room <= 0:
@@ -903,7 +1414,8 @@ class KafkaSource:
                 return
             except kerrors.KafkaError as exc:
                 self.counters["kafka.fetch_error"] += 1
-                log.warning("%s: fetch failed: %s", self.name, _why(exc))
+                level = logging.WARNING if self._reach.connected else logging.DEBUG
+                log.log(level, "%s: fetch failed: %s", self.name, _why(exc))
                 await asyncio.sleep(self.settings.retry_backoff)
                 continue
             if batch and room <= 0:

@@ -23,7 +23,10 @@ from aiokafka.structs import TopicPartition
 from bridge.endpoint import Inbound, no_ack
 from bridge.envelope import Envelope
 from bridge.errors import ConnectorError
-from connectors.kafka import KafkaSettings
+
+# The cluster-reachability tracking and reconnect throttle of the Kafka connector: one
+# behaviour for every aiokafka client the bridge runs (no busy loop, one log line per outage).
+from connectors.kafka import KafkaSettings, _Reachability, _throttle_reconnects, tame_aiokafka_logs
 
 log = logging.getLogger("roombus.kafka")
 
@@ -37,11 +40,12 @@ class KafkaReplySource:
         self.topics = sorted(set(topics))
         self._consumer: AIOKafkaConsumer | None = None
         self._closed = False
+        self._reach = _Reachability(name, settings.cluster)
 
     @property
     def connected(self) -> bool:
-        """True once positioned at the end of every reply topic."""
-        return self._consumer is not None and not self._closed
+        """True while positioned at the end of the reply topics and the cluster answers."""
+        return self._consumer is not None and not self._closed and self._reach.connected
 
     async def __aenter__(self) -> Self:
         """Start reading at the current end of the reply topics.
@@ -51,11 +55,14 @@ class KafkaReplySource:
         """
         if self._consumer is not None:
             return self
+        tame_aiokafka_logs()
         consumer = AIOKafkaConsumer(
             **self.settings.client_kwargs(), group_id=None, enable_auto_commit=False
         )
+        _throttle_reconnects(consumer._client, self._reach, self.settings)
         try:
             await consumer.start()
+            self._reach.up()
             deadline = time.monotonic() + self.settings.request_timeout
             tps: list[TopicPartition] = []
             for topic in self.topics:

@@ -315,7 +315,8 @@ class Bridge:
                 if time.monotonic() - started > 60:
                     attempt = 0
                 self.counters.inc(f"tasks.crashed.{name}")
-                self.tasks[name] = f"crashed: {type(exc).__name__}: {exc}"
+                cause = _first_leaf(exc)
+                self.tasks[name] = f"crashed: {type(cause).__name__}: {cause}"
                 log.error("bridge: task %s crashed; restarting it", name, exc_info=exc)
                 await asyncio.sleep(delay(attempt, 0.5, CONNECT_MAX))
                 attempt += 1
@@ -381,3 +382,10 @@ class Bridge:
                     log.warning("room discovery failed: %s", exc)
                 failing = True
             await asyncio.sleep(lk.room_discovery_interval)
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups, for a one-line status."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc

@@ -31,9 +31,8 @@ from bridge.endpoint import Inbound, Source
 from bridge.envelope import H_SOURCE, Envelope
 from bridge.errors import RejectedMessage
 from bridge.room.types import Counters
-from bridge.router import ToRoomRoute
+from bridge.router import RoomDelivery, ToRoomRoute
 from bridge.runtime.dead_letter import Rejected, Rejections
-from bridge.runtime.room_sink import RoomSink
 
 log = logging.getLogger("roombus.pump")
 
@@ -60,6 +59,14 @@ class RpcRequests(Protocol):
         ...
 
 
+class Deliveries(Protocol):
+    """Where bus messages go (`bridge.runtime.room_sink.RoomSink`)."""
+
+    async def deliver(self, route: str, d: RoomDelivery, envelope: Envelope) -> None:
+        """Deliver `d`; `RejectedMessage` for a permanent refusal."""
+        ...
+
+
 class _Lane:
     __slots__ = ("items", "last_used", "waiter")
 
@@ -79,7 +86,7 @@ class BusPump:
         routes: Sequence[ToRoomRoute],
         *,
         endpoint: str,
-        room_sink: RoomSink,
+        room_sink: Deliveries,
         rejections: Rejections,
         rpc: RpcRequests | None,
         counters: Counters,

@@ -13,18 +13,19 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from bridge.endpoint import Inbound
+from bridge.endpoint import Inbound, Sink, Source
 from bridge.envelope import Envelope, Outbound
+from bridge.errors import RejectedMessage
 from connectors.kafka import (
     H_KAFKA_TOMBSTONE,
     KafkaAuthError,
-    KafkaConnectError,
+    KafkaClosedError,
     KafkaDeliveryError,
     KafkaInvalidMessageError,
     KafkaRecordTooLargeError,
@@ -36,6 +37,11 @@ from connectors.kafka import (
 from tests.services import Kafka
 
 SASL_USER, SASL_PASSWORD = "bridge", "bridge-secret"
+
+if TYPE_CHECKING:
+    # mypy checks that the endpoints conform to the seam (bridge/endpoint.py).
+    _source: Source[Envelope] = KafkaSource("kafka:in", KafkaSettings(["h:1"]), ["t"], "g")
+    _sink: Sink[Outbound] = KafkaSink("kafka:out", KafkaSettings(["h:1"]))
 
 
 def unique(prefix: str) -> str:
@@ -259,24 +265,95 @@ async def test_max_in_flight_pauses_fetching_until_acked(kafka: Kafka) -> None:
         assert source.in_flight == 0 and not source.paused
 
 
-async def test_unreachable_bootstrap_is_a_clear_retriable_error_within_timeout() -> None:
-    settings = KafkaSettings(["127.0.0.1:1"], connect_timeout=3.0)
-    started = time.monotonic()
-    with pytest.raises(KafkaConnectError) as err:
-        await KafkaSink("kafka:main", settings).start()
-    assert time.monotonic() - started < 5.0
-    assert str(err.value).startswith("kafka:main: connect to 127.0.0.1:1 failed: ")
-    assert "refused" in str(err.value).lower() or "connect call failed" in str(err.value).lower()
-    assert err.value.retriable
-    with pytest.raises(KafkaConnectError, match=r"^kafka:src: connect to 127.0.0.1:1 failed: "):
-        await KafkaSource("kafka:src", settings, ["t"], "g").start()
+async def test_unreachable_cluster_at_start_is_degraded_not_an_error() -> None:
+    settings = KafkaSettings(["127.0.0.1:1"], connect_timeout=3.0, delivery_timeout=2.0)
+    sink = KafkaSink("kafka:main", settings)
+    async with sink:  # does not raise: connects in the background
+        assert sink.started and not sink.connected
+        with pytest.raises(KafkaDeliveryError, match=r"^kafka:main: publish to t on ") as err:
+            await sink.publish(Outbound(topic="t", payload=b"x"))
+        assert err.value.retriable
+        assert "cluster unreachable" in str(err.value)
+    assert not sink.started
+    await sink.stop()  # idempotent
+
+    source = KafkaSource("kafka:src", settings, ["t"], "g")
+    async with source:
+        assert not source.connected
+        pump = Pump(source)
+        try:
+            with pytest.raises(TimeoutError):  # nothing to yield, and no error either
+                await pump.get(timeout=1.0)
+            assert not pump.task.done()
+        finally:
+            await pump.close()
+    await source.__aexit__(None, None, None)  # idempotent
+    # After stop, the reader ends instead of waiting for a connection.
+    with pytest.raises(KafkaClosedError):
+        async for _ in source.messages():
+            pass
+
+
+async def test_nack_settles_like_ack_and_commit_moves_past_it(kafka: Kafka) -> None:
+    topic, group = unique("nack"), unique("g")
+    settings = KafkaSettings([kafka.bootstrap])
+    async with KafkaSink("kafka:main", settings) as sink:
+        await publish_numbered(sink, topic, 3)
+    source = KafkaSource("kafka:in", settings, [topic], group, auto_offset_reset="earliest")
+    async with consuming(source) as pump:
+        first, second, third = await pump.take(3)
+        await first.ack()
+        await second.ack(RejectedMessage("invalid_json", "payload is not JSON"))
+        await third.ack()
+        assert source.counters["kafka.nacked"] == 1
+        assert source.in_flight == 0
+    assert await committed_offsets(kafka.bootstrap, group) == {0: 3}
+    again = KafkaSource("kafka:in", settings, [topic], group, auto_offset_reset="earliest")
+    async with consuming(again) as pump:
+        with pytest.raises(TimeoutError):
+            await pump.get(timeout=2.0)
+
+
+async def test_concurrent_publishes_batch_and_keep_call_order(kafka: Kafka) -> None:
+    topic = unique("order")
+    total = 2000
+    settings = KafkaSettings([kafka.bootstrap], linger=0.005)
+    async with KafkaSink("kafka:main", settings) as sink:
+        await sink.publish(Outbound(topic=topic, payload=b"-1", key=b"k"))  # topic metadata
+        # gather starts the coroutines in this order: call order = order of send() calls.
+        await asyncio.gather(
+            *(
+                sink.publish(Outbound(topic=topic, payload=str(i).encode(), key=b"k"))
+                for i in range(total)
+            )
+        )
+        assert sink.counters["kafka.published"] == total + 1
+    source = KafkaSource(
+        "kafka:in", settings, [topic], unique("g"), auto_offset_reset="earliest", max_in_flight=5000
+    )
+    async with consuming(source) as pump:
+        items = await pump.take(total + 1, timeout=60)
+    assert numbers(items) == list(range(-1, total))
+
+
+async def test_invalid_topic_name_is_rejected_before_sending(kafka: Kafka) -> None:
+    async with KafkaSink("kafka:main", KafkaSettings([kafka.bootstrap])) as sink:
+        with pytest.raises(KafkaInvalidMessageError, match=r"not a valid Kafka topic name") as err:
+            await sink.publish(Outbound(topic="bad/topic name", payload=b"x"))
+        assert not err.value.retriable
+        assert sink.counters["kafka.invalid_topic"] == 1
 
 
 async def test_record_too_large_for_producer_and_for_broker(kafka: Kafka) -> None:
     topic = unique("big")
-    async with KafkaSink(
-        "kafka:main", KafkaSettings([kafka.bootstrap], max_request_size=10_000)
-    ) as sink:
+    # A delivery_timeout far above the guard below: the refusal must be final, never retried.
+    async with (
+        KafkaSink(
+            "kafka:main",
+            KafkaSettings([kafka.bootstrap], max_request_size=10_000, delivery_timeout=3600),
+        ) as sink,
+        asyncio.timeout(60),
+    ):
         with pytest.raises(
             KafkaRecordTooLargeError, match=r"kafka:main: publish to .*too large"
         ) as err:
@@ -286,10 +363,13 @@ async def test_record_too_large_for_producer_and_for_broker(kafka: Kafka) -> Non
         assert sink.counters["kafka.record_too_large"] == 1
     # The test broker allows 4 MiB (message.max.bytes); a 5 MiB record passes the producer's
     # own check and is refused by the broker.
-    big = KafkaSettings([kafka.bootstrap], max_request_size=8 * 1024 * 1024)
-    async with KafkaSink("kafka:main", big) as sink:
-        with pytest.raises(KafkaRecordTooLargeError, match=r"kafka:main: publish to .*too large"):
+    big = KafkaSettings([kafka.bootstrap], max_request_size=8 * 1024 * 1024, delivery_timeout=3600)
+    async with KafkaSink("kafka:main", big) as sink, asyncio.timeout(60):
+        with pytest.raises(
+            KafkaRecordTooLargeError, match=r"kafka:main: publish to .*too large"
+        ) as err:
             await sink.publish(Outbound(topic=topic, payload=b"x" * (5 * 1024 * 1024)))
+        assert not err.value.retriable
         await sink.publish(Outbound(topic=topic, payload=b"small"))
 
 

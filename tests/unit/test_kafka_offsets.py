@@ -1,4 +1,5 @@
-"""The contiguous-offset tracker behind KafkaSource's manual commits, and the settings checks."""
+"""The contiguous-offset tracker behind KafkaSource's manual commits, the settings checks, the
+error tree's `retriable` flags, the reconnect backoff and the aiokafka log filter."""
 
 from __future__ import annotations
 
@@ -112,6 +113,10 @@ def test_tracker_reports_only_moved_positions_and_forgets_revoked() -> None:
         ({"acks": 1}, "not allowed with enable_idempotence"),
         ({"cert_file": "c.pem"}, "give both or neither"),
         ({"delivery_timeout": 0}, "delivery_timeout: must be positive"),
+        ({"linger": -1}, "must not be negative"),
+        ({"batch_size": 0}, "batch_size: must be positive"),
+        ({"reconnect_backoff": 0}, "reconnect_backoff: must be positive"),
+        ({"reconnect_backoff_max": 0.1}, "reconnect_backoff_max: must be at least"),
     ],
 )
 def test_bad_settings_name_the_key(kwargs: dict[str, object], message: str) -> None:
@@ -150,3 +155,74 @@ def test_errors_carry_retriable_as_data_and_share_the_connector_root() -> None:
     assert not KafkaDeliveryError("x", retriable=False).retriable
     assert not KafkaRecordTooLargeError("x").retriable
     assert isinstance(KafkaConfigError("x"), ConnectorError)
+
+
+def test_every_error_class_says_whether_a_retry_can_help() -> None:
+    from connectors.kafka import (
+        KafkaAuthError,
+        KafkaClosedError,
+        KafkaConnectError,
+        KafkaDeliveryError,
+        KafkaInvalidMessageError,
+        KafkaRecordTooLargeError,
+        KafkaTlsError,
+        KafkaUnknownTopicError,
+    )
+
+    retriable = {KafkaConnectError: True, KafkaDeliveryError: True}
+    final = [
+        KafkaConfigError,
+        KafkaAuthError,
+        KafkaTlsError,
+        KafkaUnknownTopicError,
+        KafkaRecordTooLargeError,
+        KafkaInvalidMessageError,
+        KafkaClosedError,
+    ]
+    for cls, flag in retriable.items():
+        assert cls("x").retriable is flag
+    for cls in final:
+        assert cls("x").retriable is False, cls
+    assert isinstance(KafkaTlsError("x"), KafkaConnectError)
+
+
+def test_reconnect_backoff_is_full_jitter_and_capped() -> None:
+    from connectors.kafka import backoff_delay
+
+    settings = KafkaSettings(["a:1"], reconnect_backoff=0.5, reconnect_backoff_max=4.0)
+    for attempt in range(1, 12):
+        high = min(4.0, 0.5 * 2 ** (attempt - 1))
+        delays = [backoff_delay(settings, attempt) for _ in range(50)]
+        assert all(0.0 <= d <= high for d in delays)
+    late = [backoff_delay(settings, 20) for _ in range(200)]
+    assert max(late) <= 4.0 and max(late) > 1.0  # capped, and jittered over the whole range
+
+
+def test_log_filter_drops_aiokafka_connectivity_lines_and_outage_symptoms() -> None:
+    import logging
+
+    import connectors.kafka as kafka
+
+    kafka.tame_aiokafka_logs()
+    client_log = logging.getLogger("aiokafka")
+    coordinator_log = logging.getLogger("aiokafka.consumer.group_coordinator")
+    assert kafka._OUTAGE_FILTER in client_log.filters
+    assert kafka._OUTAGE_FILTER in coordinator_log.filters
+
+    def passes(logger: logging.Logger, level: int, msg: str) -> bool:
+        record = logger.makeRecord(logger.name, level, __file__, 1, msg, ("x", "y"), None)
+        return bool(kafka._OUTAGE_FILTER.filter(record))
+
+    noise = "Unable connect to node with id %s: %s"
+    symptom = "Heartbeat send request failed: %s. Will retry."
+    assert not passes(client_log, logging.ERROR, noise)
+    assert passes(coordinator_log, logging.ERROR, symptom)  # no outage: a real event
+    assert passes(client_log, logging.INFO, noise)  # only WARNING and ERROR are filtered
+    reach = kafka._Reachability("kafka:t", "a:1")
+    reach.down("cannot connect to broker a:1")
+    try:
+        assert not passes(coordinator_log, logging.ERROR, symptom)
+        assert passes(coordinator_log, logging.CRITICAL, symptom)
+    finally:
+        reach.up()
+    assert passes(coordinator_log, logging.ERROR, symptom)
