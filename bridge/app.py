@@ -10,6 +10,7 @@ consumer group; per cluster with room-to-bus RPC one group-less reply reader.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from bridge.config import (
@@ -30,6 +31,8 @@ from bridge.topics import parse_filter
 from connectors.kafka import KafkaSettings, KafkaSink, KafkaSource
 from connectors.kafka_replies import KafkaReplySource
 from connectors.mqtt import MqttConnector, MqttSettings
+
+log = logging.getLogger("roombus")
 
 
 def mqtt_settings(name: str, broker: MqttBrokerConfig, *, publisher: bool) -> MqttSettings:
@@ -166,7 +169,25 @@ def build_spooling(config: Config) -> Spooling | None:
     opened = Spool.open(
         Path(directory) / "spool.sqlite3", max_bytes=spool.max_bytes, max_age=spool.max_age
     )
-    return Spooling(route=opened.route, codec=SpoolCodec(), close=opened.close)
+    # Every route opens before anything is appended (each gets its share of max_bytes).
+    routes = {
+        c.name: opened.route(c.name, config.bridge.overflow)
+        for c in config.connectors
+        if isinstance(c.from_, RoomFrom) and c.from_.rpc is None
+    }
+    for name, count in opened.stale_routes().items():
+        log.warning(
+            "spool: %d messages of route %r, which the configuration no longer has, are kept in %s",
+            count,
+            name,
+            directory,
+        )
+    return Spooling(
+        route=lambda name, _overflow: routes[name],
+        codec=SpoolCodec(),
+        expire=opened.expire,
+        close=opened.close,
+    )
 
 
 def build_bridge(config: Config) -> Bridge:

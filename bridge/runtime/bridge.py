@@ -55,6 +55,8 @@ from bridge.topics import glob_match
 
 log = logging.getLogger("roombus.bridge")
 
+SPOOL_EXPIRY_INTERVAL = 5.0
+
 
 @dataclass(frozen=True)
 class BusSource:
@@ -95,6 +97,7 @@ class Spooling:
 
     route: Callable[[str, str], DurableQueue]  # (route name, overflow) -> its spool
     codec: OutboundCodec
+    expire: Callable[[], int]  # forget what is older than max_age; how many
     close: Callable[[], None]
 
 
@@ -204,6 +207,8 @@ class Bridge:
                         self._join(name)
                     if self.config.livekit.room_patterns:
                         self._spawn("rooms:discovery", self._discover_rooms)
+                    if self.spooling is not None:
+                        self._spawn("spool:expiry", self._expire_spool)
                     self.ready.set()
                     log.info(
                         "bridge %s: running: %d rooms, %d room-to-bus and %d bus sources",
@@ -290,6 +295,15 @@ class Bridge:
             log.warning(
                 "bridge: %d room-to-bus messages stay in the spool for the next start", left
             )
+
+    async def _expire_spool(self) -> None:
+        assert self.spooling is not None
+        while True:
+            await asyncio.sleep(SPOOL_EXPIRY_INTERVAL)
+            expired = self.spooling.expire()
+            if expired:
+                self.counters.inc("spool.expired", expired)
+                log.warning("spool: %d messages older than spool.max_age expired", expired)
 
     # --------------------------------------------------------------- supervision
 

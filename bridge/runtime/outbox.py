@@ -107,6 +107,8 @@ class Outbox:
         self._rejects: collections.deque[tuple[RejectedMessage, Rejected]] = collections.deque()
         self._unflushed: list[tuple[str, bytes]] = []
         self._flush_scheduled = False
+        self._acked: list[int] = []
+        self._remove_scheduled = False
         self._read_after = 0  # the spool's last seq read into the buffer
         self._wake = asyncio.Event()
         self._in_flight = 0
@@ -182,8 +184,10 @@ class Outbox:
     @property
     def depth(self) -> int:
         """Messages waiting (buffered, spooled or unflushed), not counting those in flight."""
-        spooled = self.spool.count - self._in_flight if self.spool is not None else 0
-        return len(self._buffer) + len(self._rejects) + len(self._unflushed) + max(0, spooled)
+        if self.spool is not None:
+            spooled = self.spool.count - len(self._acked) - self._in_flight
+            return len(self._rejects) + len(self._unflushed) + max(0, spooled)
+        return len(self._buffer) + len(self._rejects)
 
     @property
     def in_flight(self) -> int:
@@ -267,4 +271,14 @@ class Outbox:
         else:
             self.counters.inc(f"{self._prefix}.published")
         if seq and self.spool is not None:
-            self.spool.remove([seq])
+            # Removes of one loop turn go in one transaction (group commit), like appends.
+            self._acked.append(seq)
+            if not self._remove_scheduled:
+                self._remove_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush_removes)
+
+    def _flush_removes(self) -> None:
+        self._remove_scheduled = False
+        seqs, self._acked = self._acked, []
+        if seqs and self.spool is not None:
+            self.spool.remove(seqs)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -28,6 +29,7 @@ from bridge.runtime.dead_letter import Rejections
 from bridge.runtime.outbox import Outbox
 from bridge.runtime.publisher import Publisher
 from bridge.runtime.pump import BusPump
+from bridge.spool import Spool, SpoolCodec
 from connectors.memory import MemoryBroker, MemoryBus
 
 # Port 9 on loopback: nothing listens, so joins and room discovery fail at once (and stay local).
@@ -415,3 +417,34 @@ def test_rejected_message_carries_reason_and_detail() -> None:
         "70000 bytes",
         "too_large: 70000 bytes",
     )
+
+
+async def test_a_spooled_route_keeps_its_backlog_across_a_restart_and_replays_it_in_order(
+    tmp_path: Path,
+) -> None:
+    counters = Counters()
+    path = tmp_path / "spool.sqlite3"
+    async with MemoryBus("mqtt:bus") as sink:
+        sink.set_connected(False)  # the bus is down: everything waits in the spool
+        spool = Spool.open(path, max_bytes=10_000_000, max_age=None)
+        outbox = _outbox(sink, counters, spool=spool.route("out"), codec=SpoolCodec(), window=8)
+        task = asyncio.create_task(outbox.run())
+        for n in range(300):
+            outbox.offer(_room_message(n))
+        await asyncio.sleep(0)  # the loop turn's group commit
+        await eventually(lambda: spool.count == 300, "all spooled")
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        spool.close()  # a restart (the SIGKILL case is in tests/unit/test_spool.py)
+        assert sink.published == []
+
+        spool = Spool.open(path, max_bytes=10_000_000, max_age=None)
+        outbox = _outbox(sink, counters, spool=spool.route("out"), codec=SpoolCodec(), window=8)
+        task = asyncio.create_task(outbox.run())
+        sink.set_connected(True)
+        await eventually(lambda: len(sink.published) == 300, "the backlog replayed")
+        assert [int(m.payload or b"") for m in sink.published] == list(range(300))
+        await eventually(lambda: spool.count == 0, "removed once acknowledged")
+        task.cancel()
+        spool.close()
