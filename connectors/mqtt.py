@@ -6,6 +6,13 @@ socket callbacks (`on_socket_open`, `on_socket_close`, `on_socket_register_write
 `on_socket_unregister_write`) become the loop's `add_reader` / `add_writer`, and `loop_misc()`
 (keepalive) runs on a one-second timer. Every paho call happens on the event loop thread.
 
+Connecting: `start()` (``__aenter__``) makes one connection attempt and returns whether it
+succeeded or not: a broker that is down or unreachable at start leaves the connector
+``connected == False``, reconnecting in the background with capped, jittered exponential
+backoff (one log line per state change, not per attempt). Only a refusal that no retry can fix
+(bad credentials, not authorized, TLS failure, another non-retriable CONNACK code, a refused
+subscription) raises from `start()`. Later losses are always retried.
+
 Delivery:
 
 * Inbound messages are acknowledged manually (`manual_ack`): a QoS 1 PUBACK goes out only when
@@ -15,9 +22,16 @@ Delivery:
   3.1.1). For QoS 2 paho sends PUBREC on arrival and `ack()` sends PUBCOMP: the broker has
   handed the message over at PUBREC, so QoS 2 subscriptions are exactly-once while connected
   but not redelivered after a crash; subscribe at QoS 1 for at-least-once through a crash.
+* A nack, ``ack(RejectedMessage(...))``, settles the message like an ack (it releases its place
+  in the PUBACK order and is never redelivered). On MQTT 5 its PUBACK carries a failure reason
+  code, 0x99 (payload format invalid) for a payload the bridge cannot parse, else 0x80
+  (unspecified error); MQTT 3.1.1 has no negative acknowledgement: a plain PUBACK.
 * `publish` returns after PUBACK (QoS 1), PUBCOMP (QoS 2) or once written to the socket
   (QoS 0). While disconnected it waits, and paho resends what was in flight after reconnecting;
-  nothing is reported as accepted before the broker said so.
+  nothing is reported as accepted before the broker said so. A PUBACK or PUBREC with a failure
+  reason code (0x87 not authorized, 0x97 quota exceeded, 0x99 payload format invalid, ...)
+  raises `MqttPublishError` (``retriable=False``) at once. MQTT 3.1.1 brokers cannot refuse a
+  publish: Mosquitto acknowledges a publish its ACL denies and drops it.
 
 Bounds and backpressure:
 
@@ -31,6 +45,14 @@ Bounds and backpressure:
   at most one read batch (the packets paho reads in one call). A stall longer than about two
   keepalive intervals makes paho drop the connection (it cannot read the PINGRESP); we
   reconnect and the session redelivers QoS 1/2 messages.
+* A persistent session's backlog, however long, never keeps the connector from starting: the
+  broker resends it right after CONNACK, before the SUBACK of our re-subscription, so when the
+  receive queue fills before the SUBACK arrived we stop waiting for it (its outcome is logged
+  when it is read) instead of failing the connection.
+* A publish on a connection that also subscribes can wait behind that connection's inbound
+  backlog (Mosquitto answers its PUBACKs after the messages it is sending it). Publish through
+  a second, publish-only connector (`MqttSettings.for_publishing`: its own client id, a clean
+  session, no subscriptions); its PUBACKs never wait behind another connection's backlog.
 
 Errors (all `ConnectorError`, with `retriable` as data)::
 
@@ -45,6 +67,7 @@ Errors (all `ConnectorError`, with `retriable` as data)::
         │   └── MqttSubscribeError        SUBACK refused a filter at start
         ├── MqttPublishError              the broker refused it, or it is invalid
         │   └── MqttPacketTooLargeError   over the broker's Maximum Packet Size
+        │   (both never retriable; a lost connection is not an error: the publish is resent)
         └── MqttStoppedError              the connector is not running
 """
 
@@ -53,12 +76,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import logging
 import random
 import re
 import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -124,7 +149,18 @@ class MqttSubscribeError(MqttConnectError):
 
 
 class MqttPublishError(MqttError):
-    """A publish was refused by the broker or is invalid (bad topic, QoS, properties)."""
+    """A publish was refused by the broker or is invalid (bad topic, QoS, properties).
+
+    Never retriable: the same message would be refused again.
+
+    Attributes:
+        reason_code: The failure reason code of the broker's PUBACK or PUBREC (e.g. 0x87 not
+            authorized), or None when the connector refused the message itself.
+    """
+
+    def __init__(self, message: str, *, reason_code: int | None = None) -> None:
+        super().__init__(message, retriable=False)
+        self.reason_code = reason_code
 
 
 class MqttPacketTooLargeError(MqttPublishError):
@@ -147,6 +183,24 @@ _V311_CONNACK_CODE = {
     "Not authorized": 5,
 }
 _PUBCOMP_ID_NOT_FOUND = 0x92
+
+# Nack reason codes (MQTT 5 PUBACK).
+PUBACK_UNSPECIFIED_ERROR = 0x80
+PUBACK_PAYLOAD_FORMAT_INVALID = 0x99
+# `RejectedMessage.reason`s that mean "the payload itself is unusable" (bridge/router.py,
+# bridge/rpcbridge.py, bridge/runtime.py): nacked with 0x99 rather than 0x80.
+PAYLOAD_PROBLEM_REASONS = frozenset(
+    {
+        "invalid_json",
+        "malformed_json",
+        "json_too_large",
+        "invalid_utf8",
+        "invalid_base64",
+        "malformed_base64",
+        "too_deep",
+        "payload_format",
+    }
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,6 +283,16 @@ class MqttSettings:
             problems.append("password: given without a username")
         if problems:
             raise ValueError("invalid MQTT settings: " + "; ".join(problems))
+
+    def for_publishing(self, name: str) -> MqttSettings:
+        """The settings of the publish-only companion of the connector `name`.
+
+        Same broker and credentials, client id ``<client id>-pub`` (from `name` when no client
+        id is configured) and a clean session: a connection without subscriptions, whose
+        PUBACKs never wait behind the inbound backlog of the subscribing connection.
+        """
+        client_id = self.client_id or default_client_id(name)
+        return dataclasses.replace(self, client_id=f"{client_id}-pub", clean_start=True)
 
     @property
     def url(self) -> str:
@@ -397,6 +461,22 @@ def backoff_delay(
     return base / 2 + rand() * base / 2
 
 
+def nack_reason_code(error: RejectedMessage) -> int:
+    """The MQTT 5 PUBACK reason code that tells the broker why we gave up on a message."""
+    if error.reason in PAYLOAD_PROBLEM_REASONS:
+        return PUBACK_PAYLOAD_FORMAT_INVALID
+    return PUBACK_UNSPECIFIED_ERROR
+
+
+def puback_packet(mid: int, reason_code: int) -> bytes:
+    """An MQTT 5 PUBACK packet carrying `reason_code` (MQTT 5 3.4).
+
+    Fixed header 0x40, remaining length 4, the packet identifier, the reason code and a
+    property length of 0.
+    """
+    return struct.pack("!BBHBB", paho.PUBACK, 4, mid, reason_code, 0)
+
+
 def connack_error(name: str, url: str, reason: ReasonCode, *, mqtt5: bool) -> MqttConnectError:
     """The typed error for a refused CONNACK, e.g. ``... failed: not authorized (CONNACK 135)``."""
     text = reason.getName()
@@ -443,6 +523,7 @@ class _Delivery:
     generation: int  # connection it arrived on (QoS 1 PUBACKs are only valid there)
     epoch: int  # session it belongs to (QoS 2 PUBCOMPs are valid across reconnects)
     acked: bool = False
+    reason_code: int = 0  # the PUBACK's reason code: 0 for an ack, >= 0x80 for a nack
 
 
 class _InflightGate:
@@ -533,6 +614,40 @@ class _Client(paho.Client):
             raise ConnectionError("no socket prepared for paho")
         return sock
 
+    def puback(self, mid: int, reason_code: int) -> MQTTErrorCode:
+        """Send the PUBACK of `mid` with an MQTT 5 failure reason code (a nack).
+
+        paho's `ack(mid, 1)` can only send a success PUBACK (`_send_puback` packs the packet
+        identifier alone), so we build the packet and queue it with paho's private
+        `_packet_queue`, exactly as `_send_command_with_mid` does: relies on paho-mqtt 2.2.
+        """
+        self._easy_log(paho.MQTT_LOG_DEBUG, "Sending PUBACK (Mid: %d, reason %d)", mid, reason_code)
+        return self._packet_queue(paho.PUBACK, puback_packet(mid, reason_code), mid, 1)
+
+    def _handle_pubrec(self) -> MQTTErrorCode:
+        """Treat a PUBREC with a failure reason code as the refusal it is.
+
+        paho 2.2 ignores PUBREC reason codes (its own TODO) and answers every PUBREC with
+        PUBREL, so a QoS 2 publish the broker refused (0x87 not authorized, 0x97 quota ...)
+        would end with PUBCOMP 0x92 and look accepted. A failed PUBREC ends the exchange
+        (MQTT 5 4.3.3): report it through on_publish like a failed PUBACK. Relies on paho-mqtt
+        2.2 internals: `_in_packet["packet"]` (the variable header), `_out_messages`,
+        `_do_on_publish`.
+        """
+        packet = self._in_packet["packet"]
+        if self._protocol == paho.MQTTv5 and len(packet) >= 3 and packet[2] >= 0x80:
+            (mid,) = struct.unpack("!H", packet[:2])
+            reason = ReasonCode(PacketTypes.PUBREC, identifier=packet[2])
+            props = _new_properties(PacketTypes.PUBREC)
+            if len(packet) > 3:
+                props.unpack(packet[3:])  # type: ignore[no-untyped-call]
+            self._easy_log(paho.MQTT_LOG_DEBUG, "Received PUBREC (Mid: %d, refused)", mid)
+            with self._out_message_mutex:
+                if mid in self._out_messages:
+                    return self._do_on_publish(mid, reason, props)
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super()._handle_pubrec()
+
 
 # --------------------------------------------------------------------------------------------
 # The connector
@@ -579,7 +694,9 @@ class MqttConnector:
         # Inbound.
         self._rx: collections.deque[tuple[MqttInbound, _Delivery]] = collections.deque()
         self._rx_ready = asyncio.Event()
+        self._rx_peak = 0
         self._paused = False
+        self._pause_waiters: list[asyncio.Future[None]] = []
         self._unacked_qos1: collections.deque[_Delivery] = collections.deque()
         self._owed_pubcomp: set[int] = set()
         self._suback: dict[int, tuple[asyncio.Future[list[str]], list[str]]] = {}
@@ -614,6 +731,11 @@ class MqttConnector:
     def receive_queued(self) -> int:
         """Received messages waiting in the receive queue."""
         return len(self._rx)
+
+    @property
+    def receive_queue_peak(self) -> int:
+        """The most messages the receive queue held at once since the connector was made."""
+        return self._rx_peak
 
     @property
     def reading_paused(self) -> bool:
@@ -655,28 +777,39 @@ class MqttConnector:
                 future.add_done_callback(self._log_suback)
 
     async def start(self) -> None:
-        """Connect and subscribe, then keep the connection up until `stop()`.
+        """Make the first connection attempt, then keep the connection up until `stop()`.
 
-        Idempotent. Raises a `MqttConnectError` subclass when the first connection fails;
-        later losses are retried in the background with jittered exponential backoff.
+        Returns after the first attempt whether it connected or not: when the broker is down
+        or unreachable, `connected` stays False, `last_error` says why, and the connector keeps
+        reconnecting in the background (capped, jittered exponential backoff). Idempotent.
+
+        Raises:
+            MqttConnectError: (``retriable=False``) the broker refused us in a way no retry can
+                fix: bad credentials or not authorized (`MqttAuthError`), a TLS failure
+                (`MqttTlsError`), another non-retriable CONNACK code (`MqttRefusedError`), a
+                refused subscription (`MqttSubscribeError`). The connector is stopped.
         """
         if self._running:
             return
-        self._loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._stopping = False
         self._lost.clear()
         self._connected_or_stopping.clear()
         self._client = self._make_client()
-        try:
-            await self._connect_once(first=True)
-        except BaseException:
-            self._abort_socket()
-            raise
         self._running = True
+        first: asyncio.Future[MqttError | None] = loop.create_future()
         self._tasks = [
-            asyncio.create_task(self._keep_connected(), name=f"{self.name}:reconnect"),
+            asyncio.create_task(self._keep_connected(first), name=f"{self.name}:connect"),
             asyncio.create_task(self._misc_timer(), name=f"{self.name}:keepalive"),
         ]
+        try:
+            error = await asyncio.shield(first)
+        except BaseException:
+            await self._close()
+            raise
+        if error is not None and not error.retriable:
+            await self._close()
+            raise error
 
     async def stop(self, drain_timeout: float = 5.0) -> None:
         """Stop: end `messages()`, wait up to `drain_timeout` for in-flight publishes, DISCONNECT.
@@ -686,6 +819,10 @@ class MqttConnector:
         """
         if not self._running or self._stopping:
             return
+        await self._close(drain_timeout)
+        log.info("%s: stopped", self.name)
+
+    async def _close(self, drain_timeout: float = 0.0) -> None:
         self._stopping = True
         self._rx_ready.set()  # end messages() iterators
         if self._connected and self._gate.used:
@@ -718,7 +855,6 @@ class MqttConnector:
         self._unacked_qos1.clear()
         self._running = False
         self._client = None
-        log.info("%s: stopped", self.name)
 
     async def messages(self) -> AsyncIterator[Inbound[Envelope]]:
         """Received messages (`MqttInbound`), in arrival order, until the connector stops.
@@ -728,7 +864,7 @@ class MqttConnector:
         """
         while True:
             while not self._rx:
-                if self._stopping:
+                if self._stopping or not self._running:
                     return
                 self._rx_ready.clear()
                 await self._rx_ready.wait()
@@ -863,8 +999,13 @@ class MqttConnector:
                 session_present = await connack
                 subscribed = self._subscribe_all(session_present)
                 if subscribed is not None:
-                    refused = await subscribed
-                    if refused:
+                    refused = await self._suback_unless_paused(subscribed)
+                    if refused is None:
+                        # The session's backlog filled the receive queue before the SUBACK
+                        # came: it is read once the consumer made room; log it then.
+                        self.counters["mqtt.suback_deferred"] += 1
+                        subscribed.add_done_callback(self._log_suback)
+                    elif refused:
                         message = f"{self.name}: subscribe to {', '.join(refused)} refused"
                         if first:
                             raise MqttSubscribeError(message)
@@ -898,6 +1039,28 @@ class MqttConnector:
             self.settings.protocol,
             "resumed" if session_present else "new",
         )
+
+    async def _suback_unless_paused(self, suback: asyncio.Future[list[str]]) -> list[str] | None:
+        """The refused filters of `suback`, or None if reading paused before it arrived.
+
+        While reading is paused for backpressure the SUBACK cannot be read, and waiting for it
+        would deadlock: the consumer only starts taking messages once `start()` returned.
+        """
+        if not self._paused:
+            assert self._loop is not None
+            paused: asyncio.Future[None] = self._loop.create_future()
+            self._pause_waiters.append(paused)
+            try:
+                await asyncio.wait((suback, paused), return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:
+                suback.cancel()  # timed out or cancelled: the connection is being abandoned
+                raise
+            finally:
+                self._pause_waiters.remove(paused)
+                paused.cancel()
+        if suback.done():
+            return suback.result()
+        return None
 
     def _connect_failed(self, error: MqttError | None) -> None:
         if error is not None:
@@ -1010,23 +1173,61 @@ class MqttConnector:
             client.prepared_socket.close()
             client.prepared_socket = None
 
-    async def _keep_connected(self) -> None:
-        """Reconnect after every loss, with jittered exponential backoff, until stopped."""
+    async def _keep_connected(self, first: asyncio.Future[MqttError | None]) -> None:
+        """Connect, and reconnect after every loss or failure with backoff, until stopped.
+
+        `first` receives the outcome of the first attempt (None when it connected), which
+        `start()` waits for. A non-retriable failure of that attempt ends the task (`start()`
+        raises it); any later failure is retried, since the connector was working before.
+        Logs one line per state change: the loss (`_on_socket_close`), each new failure
+        reason, and the reconnection, never one per attempt.
+        """
         s = self.settings
+        attempt = 0  # failed attempts since the last connection
+        reported: str | None = None  # the failure last logged
         while True:
-            await self._lost.wait()
-            attempt = 0
-            while not self._connected:
-                self._lost.clear()
-                delay = backoff_delay(attempt, s.reconnect_min_delay, s.reconnect_max_delay)
-                await asyncio.sleep(delay)
-                try:
-                    await self._connect_once(first=False)
-                except MqttError as exc:
-                    self.counters["mqtt.reconnect_failed"] += 1
-                    level = logging.WARNING if attempt == 0 or exc.retriable else logging.ERROR
-                    log.log(level, "%s (attempt %d, retrying)", exc, attempt + 1)
-                    attempt += 1
+            self._lost.clear()  # a loss during a failed attempt is that attempt's failure
+            try:
+                await self._connect_once(first=not first.done())
+            except Exception as failure:
+                if isinstance(failure, MqttError):
+                    exc = failure
+                else:  # a bug of ours: must neither end this task silently nor hang start()
+                    log.exception("%s: internal error while connecting", self.name)
+                    exc = self._internal_error(failure)
+                self.counters["mqtt.connect_failed"] += 1
+                if not first.done():
+                    first.set_result(exc)
+                    if not exc.retriable:
+                        return
+                if str(exc) != reported:
+                    reported = str(exc)
+                    level = logging.WARNING if exc.retriable else logging.ERROR
+                    log.log(level, "%s; retrying in the background", exc)
+                else:
+                    log.debug("%s (attempt %d)", exc, attempt + 1)
+                await asyncio.sleep(
+                    backoff_delay(attempt, s.reconnect_min_delay, s.reconnect_max_delay)
+                )
+                attempt += 1
+                continue
+            if not first.done():
+                first.set_result(None)
+            attempt, reported = 0, None
+            await self._lost.wait()  # _on_socket_close logged and counted the loss
+            await asyncio.sleep(backoff_delay(0, s.reconnect_min_delay, s.reconnect_max_delay))
+            attempt = 1
+
+    def _internal_error(self, failure: Exception) -> MqttError:
+        """A retriable connect error for an unexpected exception (retried like an outage)."""
+        self.counters["mqtt.internal_error"] += 1
+        error = MqttConnectError(
+            f"{self.name}: connect to {self.settings.url} failed: internal error "
+            f"({type(failure).__name__}: {failure})",
+            retriable=True,
+        )
+        self._last_error = error
+        return error
 
     async def _misc_timer(self) -> None:
         """Run paho's keepalive bookkeeping (PINGREQ, dead-connection detection)."""
@@ -1134,6 +1335,9 @@ class MqttConnector:
         ):
             self._paused = True
             self._loop.remove_reader(self._sock.fileno())
+            for waiter in self._pause_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
             self.counters["mqtt.receive_paused"] += 1
             log.debug("%s: receive queue full (%d): reading paused", self.name, len(self._rx))
 
@@ -1186,6 +1390,7 @@ class MqttConnector:
             client.ack(mid, 2)
         self._owed_pubcomp.clear()
         self._connected = True
+        self._last_error = None
         self.counters["mqtt.connected"] += 1
         self._connected_or_stopping.set()
         if connack is not None and not connack.done():
@@ -1243,14 +1448,16 @@ class MqttConnector:
             self.counters["mqtt.received_dup"] += 1
 
         async def ack(error: RejectedMessage | None = None) -> None:
-            if error is not None:
+            if error is not None and not delivery.acked:
                 self.counters["mqtt.nacked"] += 1
+                delivery.reason_code = nack_reason_code(error)
             self._ack(delivery)
 
         inbound = MqttInbound(
             message=envelope, ack=ack, key=envelope.topic, dup=bool(message.dup), mid=message.mid
         )
         self._rx.append((inbound, delivery))
+        self._rx_peak = max(self._rx_peak, len(self._rx))
         self._rx_ready.set()
         self._check_backpressure()
 
@@ -1277,7 +1484,11 @@ class MqttConnector:
         # PUBACKs go out in arrival order (MQTT 4.6): release the acknowledged head.
         queue = self._unacked_qos1
         while queue and queue[0].acked:
-            client.ack(queue.popleft().mid, 1)
+            head = queue.popleft()
+            if head.reason_code and self._mqtt5:
+                client.puback(head.mid, head.reason_code)
+            else:  # an ack, or a nack on MQTT 3.1.1 (which has no negative PUBACK)
+                client.ack(head.mid, 1)
 
     # ---- subscriptions ---------------------------------------------------------------------
 
@@ -1414,8 +1625,9 @@ class MqttConnector:
             waiter.future.set_exception(
                 MqttPublishError(
                     f"{self.name}: publish to {waiter.topic!r} refused by the broker: "
-                    f"{reason.getName().lower()} (reason {reason.value})"
-                    + (f": {detail}" if detail else "")
+                    f"{reason.getName().lower()} (reason {reason.value:#04x})"
+                    + (f": {detail}" if detail else ""),
+                    reason_code=reason.value,
                 )
             )
             return

@@ -1,6 +1,8 @@
 """connectors/mqtt.py against a real Mosquitto: QoS 0/1/2 on MQTT 5 and 3.1.1, properties,
-retained messages, manual acknowledgement and redelivery, broker restarts, connect errors,
-and the bounds (max in flight, receive queue, Receive Maximum, Maximum Packet Size).
+retained messages, manual acknowledgement, nacks and redelivery, broker restarts, connect
+errors, publishes the broker refuses (ACL), a publish-only connector, conformance to the
+`Source` / `Sink` seam, and the bounds (max in flight, receive queue, Receive Maximum, Maximum
+Packet Size). Starting degraded and starting with a backlog: test_mqtt_degraded.py.
 
 Connection drops and stalls go through `TcpProxy`, a small asyncio proxy the test can cut
 (every connection reset) or hold (bytes stop flowing, like a blackholed link).
@@ -21,8 +23,9 @@ from typing import Any, Literal
 
 import pytest
 
-from bridge.endpoint import Inbound
+from bridge.endpoint import Inbound, Sink, Source
 from bridge.envelope import Envelope, Outbound
+from bridge.errors import RejectedMessage
 from connectors.mqtt import (
     MqttAuthError,
     MqttConnector,
@@ -36,6 +39,7 @@ from connectors.mqtt import (
     MqttUnreachableError,
     publish_packet_size,
 )
+from tests.services import HERE as SERVICES_DIR
 from tests.services import Mosquitto
 
 Protocol = Literal["5", "3.1.1"]
@@ -181,6 +185,17 @@ class TcpProxy:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def barrier(connector: MqttConnector, topic: str) -> None:
+    """Return once the broker processed every packet `connector` sent before.
+
+    The broker handles one connection's packets in order, so the PUBACK of a QoS 1 publish
+    sent now follows the processing of the PUBACKs queued before it. Stopping the connector
+    without this may lose them: when the next connection with the same client id arrives,
+    Mosquitto closes the old one without reading what is still in its socket buffer.
+    """
+    await connector.publish(Outbound(topic=f"{topic}/barrier", payload=b"", qos=1))
 
 
 @contextlib.asynccontextmanager
@@ -523,17 +538,25 @@ async def test_publish_while_broker_down_waits_then_completes(tmp_path: Path) ->
 # ---- errors -------------------------------------------------------------------------------
 
 
-async def test_unreachable_broker_error() -> None:
+async def test_unreachable_broker_at_start_is_degraded_not_an_error() -> None:
     port = free_port()
     connector = MqttConnector("mqtt:plant", settings(port))
-    with pytest.raises(MqttUnreachableError) as info:
-        await connector.start()
-    assert (
-        str(info.value)
-        == f"mqtt:plant: connect to mqtt://127.0.0.1:{port} failed: connection refused"
-    )
-    assert info.value.retriable
-    await connector.stop()  # not started: a no-op
+    await connector.start()  # returns: the broker may come later
+    try:
+        assert not connector.connected
+        error = connector.last_error
+        assert isinstance(error, MqttUnreachableError)
+        assert (
+            str(error)
+            == f"mqtt:plant: connect to mqtt://127.0.0.1:{port} failed: connection refused"
+        )
+        assert error.retriable
+        await eventually(
+            lambda: connector.counters["mqtt.connect_failed"] >= 3, what="keeps retrying"
+        )
+    finally:
+        await connector.stop()
+    assert not connector.connected
 
 
 async def test_connect_timeout_error() -> None:
@@ -545,11 +568,11 @@ async def test_connect_timeout_error() -> None:
     port = server.sockets[0].getsockname()[1]
     try:
         connector = MqttConnector("mqtt:plant", settings(port, connect_timeout=0.5))
-        started = time.monotonic()
-        with pytest.raises(MqttConnectTimeoutError) as info:
-            await connector.start()
-        assert time.monotonic() - started < 8  # connect_timeout 0.5, not the 10 s default
-        assert "no answer within 0.5 s" in str(info.value) and info.value.retriable
+        async with connector:  # the first attempt timed out: started, not connected
+            assert not connector.connected
+            error = connector.last_error
+            assert isinstance(error, MqttConnectTimeoutError)
+            assert "no answer within 0.5 s" in str(error) and error.retriable
     finally:
         server.close()
         await server.wait_closed()
@@ -748,3 +771,202 @@ async def test_throughput_qos1(mosquitto: Mosquitto) -> None:
         await inbox.close()
     print(f"QoS 1 publish+receive+ack: {n / elapsed:.0f} msg/s")
     assert n / elapsed > 300
+
+
+# ---- the seam ------------------------------------------------------------------------------
+
+
+async def test_connector_is_a_source_and_a_sink(mosquitto: Mosquitto) -> None:
+    topic = f"seam/{uid()}"
+    connector = MqttConnector("mqtt:seam", settings(mosquitto.port, client_id=f"c-{uid()}"))
+    connector.add_subscription(topic, 1)
+    # mypy checks these assignments: the connector conforms to bridge/endpoint.py.
+    source: Source[Envelope] = connector
+    sink: Sink[Outbound] = connector
+    assert not source.connected
+    async with source as entered:
+        assert entered is connector and sink.connected
+        await sink.publish(Outbound(topic=topic, payload=b"hello", qos=1))
+        async for inbound in source.messages():
+            assert (inbound.message.payload, inbound.key) == (b"hello", topic)
+            await inbound.ack()
+            break
+    assert not connector.connected
+    await connector.__aexit__(None, None, None)  # closing twice is harmless
+    assert [m async for m in source.messages()] == []
+
+
+# ---- nack -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_nack_settles_the_message_with_a_reason_code(
+    tmp_path: Path, protocol: Protocol
+) -> None:
+    # log_type all: Mosquitto logs each PUBACK it receives with its reason code.
+    async with private_broker(tmp_path, "mosquitto-nack", extra_config="log_type all") as broker:
+        topic = f"nack/{uid()}"
+        client_id = f"s-{uid()}"
+        sub_settings = settings(broker.port, protocol=protocol, client_id=client_id)
+        async with running(
+            "mqtt:pub", settings(broker.port, protocol=protocol, client_id=f"p-{uid()}")
+        ) as pub:
+            async with running("mqtt:sub", sub_settings, (topic, 1)) as sub:
+                inbox = Inbox(sub, auto_ack=False)
+                for i in range(4):
+                    await pub.publish(Outbound(topic=topic, payload=b"%d" % i, qos=1))
+                got = await inbox.wait_for(4)
+                await got[0].ack()
+                await got[1].ack(RejectedMessage("malformed_json", "expected an object"))
+                await got[2].ack(RejectedMessage("unknown_room", "no room 'x'"))
+                await got[3].ack()
+                await inbox.close()
+                assert (sub.counters["mqtt.acked"], sub.counters["mqtt.nacked"]) == (4, 2)
+                await barrier(sub, topic)
+            # The same persistent session again: nothing comes back, acked or nacked.
+            async with running("mqtt:sub", sub_settings, (topic, 1)) as sub2:
+                inbox2 = Inbox(sub2)
+                await pub.publish(Outbound(topic=topic, payload=b"after", qos=1))
+                await inbox2.wait_for(1)
+                await inbox2.close()
+    # Read after the broker exited: Mosquitto buffers its stdout log until then.
+    pubacks = [
+        line.rsplit("RC:", 1)[1].rstrip(")")
+        for line in broker.log_since_start().splitlines()
+        if f"Received PUBACK from {client_id}" in line
+    ]
+    assert inbox2.payloads() == [b"after"]
+    # Arrival order; 0x99 payload format invalid, 0x80 unspecified error. 3.1.1: plain PUBACKs.
+    expected = ["0", "153", "128", "0"] if protocol == "5" else ["0", "0", "0", "0"]
+    assert pubacks[:4] == expected
+
+
+async def test_nack_releases_its_place_in_the_puback_order(mosquitto: Mosquitto) -> None:
+    """A nacked head of the queue lets the acknowledged messages behind it go out."""
+    topic = f"nackorder/{uid()}"
+    sub_settings = settings(mosquitto.port, client_id=f"s-{uid()}")
+    async with running("mqtt:pub", settings(mosquitto.port, client_id=f"p-{uid()}")) as pub:
+        async with running("mqtt:sub", sub_settings, (topic, 1)) as sub:
+            inbox = Inbox(sub, auto_ack=False)
+            for payload in (b"a", b"b", b"c"):
+                await pub.publish(Outbound(topic=topic, payload=payload, qos=1))
+            a, b, c = await inbox.wait_for(3)
+            await c.ack()
+            await b.ack()
+            await a.ack(RejectedMessage("invalid_utf8", "bad byte"))
+            await a.ack()  # settling twice is a no-op
+            assert (sub.counters["mqtt.acked"], sub.counters["mqtt.nacked"]) == (3, 1)
+            await barrier(sub, topic)
+            await inbox.close()
+        async with running("mqtt:sub", sub_settings, (topic, 1)) as sub2:
+            inbox2 = Inbox(sub2)
+            await pub.publish(Outbound(topic=topic, payload=b"d", qos=1))
+            await inbox2.wait_for(1)
+            await inbox2.close()
+    assert inbox2.payloads() == [b"d"]
+
+
+# ---- publishes the broker refuses ----------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def acl_broker(tmp_path: Path) -> AsyncIterator[Mosquitto]:
+    """A Mosquitto where user `bridge` may publish anywhere but under ``denied/``."""
+    passwords = tmp_path / "passwd"
+    await asyncio.to_thread(
+        subprocess.run,
+        ["mosquitto_passwd", "-b", "-c", str(passwords), "bridge", "s3cret"],
+        check=True,
+        capture_output=True,
+    )
+    acl = SERVICES_DIR / "mosquitto.acl"
+    async with private_broker(
+        tmp_path,
+        "mosquitto-acl",
+        anonymous=False,
+        extra_config=f"password_file {passwords}\nacl_file {acl}",
+    ) as broker:
+        yield broker
+
+
+@pytest.mark.parametrize("qos", [1, 2])
+async def test_publish_refused_by_the_acl_is_not_retriable(tmp_path: Path, qos: int) -> None:
+    async with acl_broker(tmp_path) as broker:
+        creds: dict[str, Any] = {"username": "bridge", "password": "s3cret"}
+        topic = f"allowed/{uid()}"
+        async with (
+            running(
+                "mqtt:sub", settings(broker.port, client_id=f"s-{uid()}", **creds), (topic, 1)
+            ) as sub,
+            running("mqtt:pub", settings(broker.port, client_id=f"p-{uid()}", **creds)) as pub,
+        ):
+            inbox = Inbox(sub)
+            denied = Outbound(topic=f"denied/{uid()}", payload=b"x", qos=qos)
+            with pytest.raises(MqttPublishError) as info:
+                await asyncio.wait_for(pub.publish(denied), 10)
+            error = info.value
+            assert not error.retriable and error.reason_code == 0x87
+            assert f"publish to {denied.topic!r} refused by the broker: not authorized" in str(
+                error
+            )
+            assert pub.counters["mqtt.publish_rejected"] == 1  # sent once, not retried
+            # The connection is fine: the next publish goes through.
+            await pub.publish(Outbound(topic=topic, payload=b"ok", qos=qos))
+            await inbox.wait_for(1)
+            await inbox.close()
+            assert pub.connected and pub.counters["mqtt.connection_lost"] == 0
+        assert inbox.payloads() == [b"ok"]
+
+
+async def test_mqtt311_cannot_report_an_acl_refusal(tmp_path: Path) -> None:
+    """MQTT 3.1.1 has no reason codes: Mosquitto acknowledges a denied publish and drops it."""
+    async with acl_broker(tmp_path) as broker:
+        s = settings(broker.port, protocol="3.1.1", username="bridge", password="s3cret")
+        async with running("mqtt:pub", s) as pub:
+            await pub.publish(Outbound(topic=f"denied/{uid()}", payload=b"x", qos=1))
+            assert pub.counters["mqtt.publish_rejected"] == 0
+
+
+# ---- a publish-only connector --------------------------------------------------------------
+
+
+async def test_publish_only_connector_is_not_held_up_by_an_inbound_backlog(
+    mosquitto: Mosquitto,
+) -> None:
+    """A subscriber sitting on thousands of unacknowledged messages does not delay publishes
+    on the broker's separate publish-only connection (the bridge's ``<client_id>-pub``)."""
+    telemetry = f"telemetry/{uid()}"
+    commands = f"commands/{uid()}"
+    bridge_id = f"bridge-{uid()}"
+    async with (
+        running(
+            "mqtt:bridge",
+            settings(mosquitto.port, client_id=bridge_id, receive_queue_size=100),
+            (telemetry, 1),
+        ) as bridge_sub,
+        running(
+            "mqtt:bridge-pub",
+            settings(mosquitto.port, client_id=bridge_id).for_publishing("mqtt:bridge"),
+        ) as bridge_pub,
+        running("mqtt:devices", settings(mosquitto.port, client_id=f"d-{uid()}")) as devices,
+        running(
+            "mqtt:device", settings(mosquitto.port, client_id=f"dc-{uid()}"), (commands, 1)
+        ) as device,
+    ):
+        held = Inbox(bridge_sub, auto_ack=False)  # takes messages, never acknowledges
+        async with asyncio.TaskGroup() as tg:
+            for i in range(3000):
+                tg.create_task(devices.publish(Outbound(topic=telemetry, payload=b"%d" % i, qos=1)))
+        await held.wait_for(100)  # the subscriber's whole Receive Maximum is unacknowledged
+        command_inbox = Inbox(device)
+        await asyncio.wait_for(
+            bridge_pub.publish(Outbound(topic=commands, payload=b"reboot", qos=1)), 10
+        )
+        await command_inbox.wait_for(1)
+        await command_inbox.close()
+        assert len(held.items) == 100 and bridge_sub.counters["mqtt.acked"] == 0
+        assert bridge_pub.receive_queued == 0 and bridge_pub.counters["mqtt.received"] == 0
+        for item in held.items:
+            await item.ack()
+        await held.close()
+    assert command_inbox.payloads() == [b"reboot"]

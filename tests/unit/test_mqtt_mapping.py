@@ -1,5 +1,6 @@
 """The pure parts of connectors/mqtt.py: envelope and property mapping, packet size, topic
-checks, CONNACK errors, backoff, settings validation and the in-flight gate (no sockets)."""
+checks, CONNACK errors, nack reason codes and the PUBACK that carries them, publish errors,
+backoff, settings validation and the in-flight gate (no sockets)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.envelope import Outbound
-from bridge.errors import ConnectorError
+from bridge.errors import ConnectorError, RejectedMessage
 from connectors.mqtt import (
     MqttAuthError,
+    MqttPacketTooLargeError,
+    MqttPublishError,
     MqttRefusedError,
     MqttSettings,
     _InflightGate,
@@ -22,6 +25,8 @@ from connectors.mqtt import (
     connack_error,
     default_client_id,
     envelope_from_message,
+    nack_reason_code,
+    puback_packet,
     publish_packet_size,
     publish_properties,
     topic_filter_problem,
@@ -166,6 +171,37 @@ def test_connack_errors_name_connector_broker_and_code() -> None:
     assert isinstance(bad_id, MqttRefusedError) and not bad_id.retriable
 
 
+@pytest.mark.parametrize(
+    ("reason", "code"),
+    [
+        ("malformed_json", 0x99),
+        ("invalid_json", 0x99),
+        ("invalid_utf8", 0x99),
+        ("malformed_base64", 0x99),
+        ("too_deep", 0x99),
+        ("payload_format", 0x99),
+        ("unknown_room", 0x80),
+        ("refused", 0x80),
+        ("bad_template_value", 0x80),
+    ],
+)
+def test_nack_reason_code(reason: str, code: int) -> None:
+    assert nack_reason_code(RejectedMessage(reason, "detail")) == code
+
+
+def test_puback_packet_carries_the_reason_code() -> None:
+    # Fixed header PUBACK, remaining length 4, packet id 0x1234, reason 0x99, no properties.
+    assert puback_packet(0x1234, 0x99) == bytes([0x40, 4, 0x12, 0x34, 0x99, 0])
+
+
+def test_publish_errors_are_never_retriable() -> None:
+    refused = MqttPublishError("m: publish refused: not authorized", reason_code=0x87)
+    assert isinstance(refused, ConnectorError)
+    assert not refused.retriable and refused.reason_code == 0x87
+    too_large = MqttPacketTooLargeError("m: packet of 2001 bytes exceeds ...")
+    assert not too_large.retriable and too_large.reason_code is None
+
+
 def test_backoff_is_jittered_doubling_and_capped() -> None:
     assert backoff_delay(0, 0.5, 30, rand=lambda: 0.0) == 0.25
     assert backoff_delay(0, 0.5, 30, rand=lambda: 1.0) == 0.5
@@ -184,6 +220,20 @@ def test_settings_validation_and_url() -> None:
     assert MqttSettings(host="broker").url == "mqtt://broker:1883"
     assert MqttSettings(host="::1", port=8883, tls=True).url == "mqtts://[::1]:8883"
     assert default_client_id("mqtt:plant floor") == "roombus-mqtt-plant-floor"
+
+
+def test_settings_for_the_publish_only_connection() -> None:
+    s = MqttSettings(host="broker", client_id="plant-bridge", username="u", password="p")
+    pub = s.for_publishing("mqtt:plant")
+    assert (pub.client_id, pub.clean_start, pub.host, pub.username) == (
+        "plant-bridge-pub",
+        True,
+        "broker",
+        "u",
+    )
+    assert MqttSettings(host="broker").for_publishing("mqtt:plant").client_id == (
+        "roombus-mqtt-plant-pub"
+    )
 
 
 async def test_inflight_gate_bounds_and_wakes_in_order() -> None:
