@@ -6,8 +6,13 @@ reliable sends wait while `bufferedAmount` is above the high-water mark until it
 low-water mark; lossy sends are dropped (and counted) while the channel is congested, since
 late lossy data is worthless.
 
-Creating the first channel wrapper installs our SCTP throughput fixes (`bridge.room.sctp`),
-before any association carries data.
+A reliable send may be tracked (`send_tracked`): it returns a `Delivery` that resolves once
+livekit-server's SCTP stack acknowledged the message (`bridge.room.delivery`). Lossy sends are
+never tracked: unordered and without retransmission, "the peer has it" is not a promise they
+can keep (and a congested lossy send is dropped locally anyway).
+
+Creating the first channel wrapper installs our SCTP throughput fixes and the delivery hooks
+(`bridge.room.sctp`), before any association carries data.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 from aiortc import RTCDataChannel
 
 from bridge.room import sctp
+from bridge.room.delivery import Delivery, DeliveryTracker, connection_lost
 from bridge.room.errors import NotConnectedError
 from bridge.room.types import Counters
 
@@ -35,6 +41,7 @@ class FlowControlledChannel:
 
     def __init__(self, channel: RTCDataChannel, counters: Counters, *, lossy: bool) -> None:
         sctp.install()  # idempotent; falls back to stock aiortc on an unknown version
+        self._tracking = sctp.install_delivery_tracking()
         self.channel = channel
         self.lossy = lossy
         self._counters = counters
@@ -43,6 +50,11 @@ class FlowControlledChannel:
         channel.bufferedAmountLowThreshold = RELIABLE_LOW_WATER
         channel.on("bufferedamountlow", self._drained.set)
         channel.on("close", self._drained.set)
+        self._tracker: DeliveryTracker | None = None
+        if not lossy:
+            # The channel may close while the association lives on (a stream reset): what it
+            # still had queued is then never sent.
+            channel.on("close", lambda: self.fail_deliveries("data channel closed"))
 
     @property
     def is_open(self) -> bool:
@@ -69,6 +81,43 @@ class FlowControlledChannel:
         """Hand `data` to the channel at once (callers waited in `wait_writable` first)."""
         self._check_open()
         self.channel.send(data)
+
+    def send_tracked(self, data: bytes) -> Delivery:
+        """`send_now`, returning the `Delivery` of `data` (reliable channels only).
+
+        Without delivery tracking (an aiortc version our hooks do not know) the returned
+        delivery is already resolved: hand-off counts as delivery, as a logged warning said.
+        """
+        if self.lossy:
+            raise ValueError("datachannel: lossy sends are not tracked")
+        self._check_open()
+        delivery = Delivery()
+        if not self._tracking:
+            self.channel.send(data)
+            delivery._resolve()
+            return delivery
+        tracker = self._tracker
+        if tracker is None:
+            tracker = self._tracker = sctp.deliveries(self.channel.transport)
+        self.channel.send(sctp.tracked(data, delivery))
+        # After the send succeeded, and before anything can assign its TSN (a later task).
+        tracker.add(delivery)
+        return delivery
+
+    def fail_deliveries(self, reason: str) -> int:
+        """Fail the pending deliveries of this channel's association (the session is over).
+
+        Returns how many failed; later tracked sends on this association fail at once.
+        """
+        tracker = self._tracker
+        if tracker is None:
+            return 0
+        return tracker.fail_all(connection_lost(reason), final=True)
+
+    @property
+    def pending_deliveries(self) -> int:
+        """Tracked messages sent and not yet acknowledged by the peer."""
+        return 0 if self._tracker is None else len(self._tracker)
 
     def try_send_lossy(self, data: bytes) -> bool:
         """Send unless congested; a dropped message is counted and False returned."""

@@ -2,6 +2,10 @@
 
 `LocalParticipant` carries our actions, named as in the official SDK; `RemoteParticipant` is a
 read-only snapshot of someone else.
+
+The participant never imports the room (`bridge.room.room`): as in livekit-rtc, the room builds
+it from the parts it needs (our state, the packet senders, the stream and RPC managers, the
+own-state updater), so the dependency runs one way.
 """
 
 from __future__ import annotations
@@ -9,21 +13,47 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, overload
+from typing import Protocol, overload
 
 from livekit.protocol import models
 
+from bridge.room.delivery import Delivery
 from bridge.room.packets import user_packet
-from bridge.room.rpc import RpcFallbackHandler, RpcHandler
+from bridge.room.rpc import RpcFallbackHandler, RpcHandler, RpcManager
 from bridge.room.streams import (
     ByteStreamInfo,
     ByteStreamWriter,
+    StreamManager,
     TextStreamInfo,
     TextStreamWriter,
 )
 
-if TYPE_CHECKING:
-    from bridge.room.room import Room
+
+class PacketSender(Protocol):
+    """Sends one DataPacket (the room's `send_packet`)."""
+
+    async def __call__(self, packet: models.DataPacket, *, reliable: bool = True) -> None:
+        """Send `packet` on the reliable or the lossy channel."""
+
+
+class TrackedPacketSender(Protocol):
+    """Sends one reliable DataPacket and returns its `Delivery` (`send_packet_tracked`)."""
+
+    async def __call__(self, packet: models.DataPacket) -> Delivery:
+        """Send `packet` reliably; returns once it is queued."""
+
+
+class OwnStateUpdater(Protocol):
+    """Changes our own attributes, metadata or name, confirmed by the server."""
+
+    async def __call__(
+        self,
+        *,
+        attributes: Mapping[str, str] | None = None,
+        metadata: str | None = None,
+        name: str | None = None,
+    ) -> None:
+        """Apply the given changes (None: unchanged) once the server confirms them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,33 +92,47 @@ class RemoteParticipant:
 class LocalParticipant:
     """Us in the room: send data, streams and RPCs, and change our own state."""
 
-    def __init__(self, room: Room) -> None:
-        self._room = room
+    def __init__(
+        self,
+        *,
+        info: Callable[[], models.ParticipantInfo],
+        send_packet: PacketSender,
+        send_packet_tracked: TrackedPacketSender,
+        update_own: OwnStateUpdater,
+        streams: StreamManager,
+        rpc: RpcManager,
+    ) -> None:
+        self._info = info
+        self._send_packet = send_packet
+        self._send_packet_tracked = send_packet_tracked
+        self._update_own = update_own
+        self._streams = streams
+        self._rpc = rpc
 
     @property
     def identity(self) -> str:
         """Our identity (from the token)."""
-        return self._room._state.local.identity
+        return self._info().identity
 
     @property
     def sid(self) -> str:
         """Our participant sid in the current session (changes on every rejoin)."""
-        return self._room._state.local.sid
+        return self._info().sid
 
     @property
     def name(self) -> str:
         """Our display name."""
-        return self._room._state.local.name
+        return self._info().name
 
     @property
     def metadata(self) -> str:
         """Our metadata."""
-        return self._room._state.local.metadata
+        return self._info().metadata
 
     @property
     def attributes(self) -> Mapping[str, str]:
         """Our attributes (a copy)."""
-        return dict(self._room._state.local.attributes)
+        return dict(self._info().attributes)
 
     async def publish_data(
         self,
@@ -97,16 +141,48 @@ class LocalParticipant:
         reliable: bool = True,
         destination_identities: Sequence[str] = (),
         topic: str | None = None,
+        wait_delivered: bool = False,
     ) -> None:
         """Send a data packet to the room, or to `destination_identities` only.
 
         Reliable packets wait while the channel is congested; a lossy packet is dropped (and
         counted as ``packets.lossy_dropped``) instead. An encoded packet over 64,000 bytes raises
         `DataPacketTooLargeError` before anything is sent.
+
+        With `wait_delivered` (reliable packets only; ignored for lossy ones, which promise
+        nothing), returns only once livekit-server's SCTP stack has acknowledged the packet,
+        and raises `NotConnectedError` (retriable) if the connection was lost first; without
+        it, returns once the packet is queued locally. To keep several packets in flight, use
+        `publish_data_tracked`.
+        """
+        if wait_delivered and reliable:
+            await (
+                await self.publish_data_tracked(
+                    payload, destination_identities=destination_identities, topic=topic
+                )
+            )
+            return
+        data = payload.encode() if isinstance(payload, str) else payload
+        packet = user_packet(data, topic=topic, destination_identities=destination_identities)
+        await self._send_packet(packet, reliable=reliable)
+
+    async def publish_data_tracked(
+        self,
+        payload: bytes | str,
+        *,
+        destination_identities: Sequence[str] = (),
+        topic: str | None = None,
+    ) -> Delivery:
+        """Send a reliable data packet; returns once it is queued, with its `Delivery`.
+
+        Packets are sent in the order of these calls. ``await delivery`` returns once
+        livekit-server has the packet (the SCTP cumulative acknowledgement covers it) and
+        raises `NotConnectedError` (retriable: send again after the rejoin) if the connection
+        was lost first. Raises like `publish_data` before anything is sent.
         """
         data = payload.encode() if isinstance(payload, str) else payload
         packet = user_packet(data, topic=topic, destination_identities=destination_identities)
-        await self._room.send_packet(packet, reliable=reliable)
+        return await self._send_packet_tracked(packet)
 
     # --- streams (bridge.room.streams) ---
 
@@ -119,15 +195,21 @@ class LocalParticipant:
         attributes: Mapping[str, str] | None = None,
         reply_to_id: str | None = None,
         attachments: Sequence[str | os.PathLike[str]] = (),
+        wait_delivered: bool = False,
     ) -> TextStreamInfo:
-        """Send a whole text as a text stream."""
-        return await self._room._streams.send_text(
+        """Send a whole text as a text stream.
+
+        With `wait_delivered`, returns only once livekit-server has acknowledged the stream's
+        last packet (so all of it), raising `NotConnectedError` if the connection was lost first.
+        """
+        return await self._streams.send_text(
             text,
             topic=topic,
             destination_identities=destination_identities,
             attributes=attributes,
             reply_to_id=reply_to_id,
             attachments=attachments,
+            wait_delivered=wait_delivered,
         )
 
     async def stream_text(
@@ -140,7 +222,7 @@ class LocalParticipant:
         reply_to_id: str | None = None,
     ) -> TextStreamWriter:
         """Open a text stream to write incrementally (e.g. streamed LLM output)."""
-        return await self._room._streams.stream_text(
+        return await self._streams.stream_text(
             topic=topic,
             destination_identities=destination_identities,
             attributes=attributes,
@@ -157,15 +239,17 @@ class LocalParticipant:
         topic: str = "",
         destination_identities: Sequence[str] = (),
         attributes: Mapping[str, str] | None = None,
+        wait_delivered: bool = False,
     ) -> ByteStreamInfo:
-        """Send bytes as a byte stream."""
-        return await self._room._streams.send_bytes(
+        """Send bytes as a byte stream (`wait_delivered` as in `send_text`)."""
+        return await self._streams.send_bytes(
             data,
             name=name,
             mime_type=mime_type,
             topic=topic,
             destination_identities=destination_identities,
             attributes=attributes,
+            wait_delivered=wait_delivered,
         )
 
     async def send_file(
@@ -180,7 +264,7 @@ class LocalParticipant:
         on_progress: Callable[[float], None] | None = None,
     ) -> ByteStreamInfo:
         """Send a file as a byte stream, reading it piece by piece."""
-        return await self._room._streams.send_file(
+        return await self._streams.send_file(
             file_path,
             topic=topic,
             destination_identities=destination_identities,
@@ -201,7 +285,7 @@ class LocalParticipant:
         attributes: Mapping[str, str] | None = None,
     ) -> ByteStreamWriter:
         """Open a byte stream to write incrementally."""
-        return await self._room._streams.stream_bytes(
+        return await self._streams.stream_bytes(
             name,
             total_size=total_size,
             mime_type=mime_type,
@@ -221,7 +305,7 @@ class LocalParticipant:
         response_timeout: float = 15.0,
     ) -> str:
         """Call `method` on another participant; raises `RpcError` on any failure."""
-        return await self._room._rpc.perform_rpc(
+        return await self._rpc.perform_rpc(
             destination_identity=destination_identity,
             method=method,
             payload=payload,
@@ -238,15 +322,15 @@ class LocalParticipant:
         self, method: str, handler: RpcHandler | None = None
     ) -> RpcHandler | Callable[[RpcHandler], RpcHandler]:
         """Answer calls of `method` with `handler` (one per method); a decorator without it."""
-        return self._room._rpc.register_rpc_method(method, handler)
+        return self._rpc.register_rpc_method(method, handler)
 
     def unregister_rpc_method(self, method: str) -> None:
         """Stop answering `method` (callers then get UNSUPPORTED_METHOD)."""
-        self._room._rpc.unregister_rpc_method(method)
+        self._rpc.unregister_rpc_method(method)
 
     def set_rpc_fallback_handler(self, fallback: RpcFallbackHandler | None) -> None:
         """Resolve methods without a registered handler through `fallback` (see `RpcManager`)."""
-        self._room._rpc.set_fallback_handler(fallback)
+        self._rpc.set_fallback_handler(fallback)
 
     # --- our own state ---
 
@@ -256,15 +340,15 @@ class LocalParticipant:
         Waits for the server's confirmation; a refusal (e.g. the token lacks
         `canUpdateOwnMetadata`, or the size limit) raises `StateUpdateError`.
         """
-        await self._room._update_own(attributes=attributes)
+        await self._update_own(attributes=attributes)
 
     async def set_metadata(self, metadata: str) -> None:
         """Replace our metadata (the server treats an empty string as "unchanged")."""
-        await self._room._update_own(metadata=metadata)
+        await self._update_own(metadata=metadata)
 
     async def set_name(self, name: str) -> None:
         """Replace our display name (the server treats an empty string as "unchanged")."""
-        await self._room._update_own(name=name)
+        await self._update_own(name=name)
 
     def __repr__(self) -> str:
         return f"LocalParticipant(identity={self.identity!r}, sid={self.sid!r})"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
@@ -27,6 +27,7 @@ from aiortc import RTCConfiguration, RTCDataChannel
 from livekit.protocol import models, rtc
 
 from bridge.room.datachannel import FlowControlledChannel
+from bridge.room.delivery import Delivery
 from bridge.room.errors import (
     ConnectError,
     NotConnectedError,
@@ -48,6 +49,7 @@ from bridge.room.rpc import RpcFallbackHandler, RpcManager
 from bridge.room.signal import JoinParams, SignalClient, SignalClosedError
 from bridge.room.state import ParticipantDisconnected, RoomState
 from bridge.room.streams import ByteStreamHandler, StreamManager, TextStreamHandler
+from bridge.room.tasks import spawn
 from bridge.room.transport import PeerTransport, ice_configuration
 from bridge.room.types import (
     CLIENT_PROTOCOL_DATA_STREAM_V2,
@@ -134,11 +136,18 @@ class Room:
     def __init__(self, options: RoomOptions | None = None) -> None:
         self.options = options or RoomOptions()
         self.counters = Counters()
-        self.local_participant = LocalParticipant(self)
         self._state = RoomState(counters=self.counters)
         self._hub = EventHub()
         self._streams = StreamManager(self)
         self._rpc = RpcManager(self, self._streams)
+        self.local_participant = LocalParticipant(
+            info=lambda: self._state.local,
+            send_packet=self.send_packet,
+            send_packet_tracked=self.send_packet_tracked,
+            update_own=self._update_own,
+            streams=self._streams,
+            rpc=self._rpc,
+        )
         self._deduper = ReceiveDeduper()
         self._session: _Session | None = None
         self._url = ""
@@ -272,7 +281,7 @@ class Room:
         self._closing = True
         session, self._session = self._session, None
         if session is not None:
-            await self._close_session(session, send_leave=True)
+            await self._close_session(session, send_leave=True, reason=f"room closed: {reason}")
         self._rpc.fail_all(RpcError(RpcError.SEND_FAILED, "room closed"))
         self._streams.abort_all("room closed")
         await self._rpc.aclose()
@@ -329,22 +338,41 @@ class Room:
 
     async def send_packet(self, packet: models.DataPacket, *, reliable: bool = True) -> None:
         """Send one DataPacket on the reliable or lossy channel (see `PacketTransport`)."""
-        session = self._require_session()
         if reliable:
-            assert session.reliable is not None
-            packet.kind = models.DataPacket.Kind.RELIABLE
-            await session.reliable.wait_writable()
-            if self._session is not session:
-                raise NotConnectedError("room: session lost while waiting to send")
-            # From here to send_now nothing awaits: sequence order is send order.
-            packet.sequence = session.next_seq
-            data = encode(packet)
-            session.next_seq += 1
-            session.reliable.send_now(data)
+            await self._send_reliable(packet, track=False)
         else:
+            session = self._require_session()
             assert session.lossy is not None
             packet.kind = models.DataPacket.Kind.LOSSY
             session.lossy.try_send_lossy(encode(packet))
+
+    async def send_packet_tracked(self, packet: models.DataPacket) -> Delivery:
+        """Send one reliable DataPacket; returns once it is queued, with its `Delivery`.
+
+        ``await delivery`` returns once livekit-server's SCTP stack acknowledged the packet and
+        raises `NotConnectedError` (retriable) when the session is lost first, at the moment it
+        is lost (the packet may still have arrived: resending gives at least once).
+        """
+        delivery = await self._send_reliable(packet, track=True)
+        assert delivery is not None
+        return delivery
+
+    async def _send_reliable(self, packet: models.DataPacket, *, track: bool) -> Delivery | None:
+        session = self._require_session()
+        channel = session.reliable
+        assert channel is not None
+        packet.kind = models.DataPacket.Kind.RELIABLE
+        await channel.wait_writable()
+        if self._session is not session:
+            raise NotConnectedError("room: session lost while waiting to send")
+        # From here to the send nothing awaits: sequence order is send order.
+        packet.sequence = session.next_seq
+        data = encode(packet)
+        session.next_seq += 1
+        if track:
+            return channel.send_tracked(data)
+        channel.send_now(data)
+        return None
 
     def _require_session(self) -> _Session:
         session = self._session
@@ -426,7 +454,7 @@ class Room:
                 on_failed=lambda why: self._session_lost(session, why, True),
             )
             self._prepare_publisher(session)
-            session.reader = asyncio.create_task(self._read_signal(session), name="lk-signal")
+            session.reader = spawn(self._read_signal(session), name="lk-signal", owner=self._tasks)
             signal.start_pings(join.ping_interval or 5, join.ping_timeout or 15)
             await self._negotiate_publisher(session)
             try:
@@ -448,7 +476,7 @@ class Room:
             if session.lost:
                 raise ServerUnreachableError("room: session lost while joining")
         except BaseException:
-            await self._close_session(session, send_leave=True)
+            await self._close_session(session, send_leave=True, reason="join failed")
             raise
         self._deduper.clear()
         events: list[object] = list(self._state.reset(join))
@@ -632,8 +660,11 @@ class Room:
         session.lost = True
         self._lost.put_nowait((session, reason, rejoin))
 
-    async def _close_session(self, session: _Session, *, send_leave: bool) -> None:
+    async def _close_session(self, session: _Session, *, send_leave: bool, reason: str) -> None:
         session.lost = True
+        # At once, not when aiortc's slow close gets to the association: the callers retry.
+        if session.reliable is not None:
+            session.reliable.fail_deliveries(reason)
         if send_leave:
             leave = rtc.LeaveRequest(
                 reason=models.DisconnectReason.CLIENT_INITIATED,
@@ -650,13 +681,10 @@ class Room:
         # the TURN deallocation). Give it a moment, then let it finish in the background: a
         # rejoin must not wait for the old session's goodbyes.
         closers = [
-            asyncio.create_task(transport.close(), name=f"lk-close-{transport.name}")
+            spawn(transport.close(), name=f"lk-close-{transport.name}", owner=self._closers)
             for transport in (session.publisher, session.subscriber)
             if transport is not None
         ]
-        self._closers.update(closers)
-        for task in closers:
-            task.add_done_callback(self._closers.discard)
         if closers:
             await asyncio.wait(closers, timeout=CLOSE_GRACE)
 
@@ -668,7 +696,7 @@ class Room:
             log.warning("room: session lost: %s", reason)
             self._connection_state = "reconnecting"
             self._session = None
-            await self._close_session(session, send_leave=False)
+            await self._close_session(session, send_leave=False, reason=reason)
             self._rpc.fail_all(RpcError(RpcError.SEND_FAILED, f"connection lost: {reason}"))
             self._streams.abort_all(f"connection lost: {reason}")
             if not (rejoin and self.options.reconnect):
@@ -722,18 +750,8 @@ class Room:
 
     # ------------------------------------------------------------ dispatchers
 
-    def _spawn(self, name: str, coro: Awaitable[None]) -> None:
-        async def run() -> None:
-            await coro
-
-        task = asyncio.create_task(run(), name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("room: task %s failed", task.get_name(), exc_info=task.exception())
+    def _spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        spawn(coro, name=name, owner=self._tasks)
 
     async def _drain_events(self) -> None:
         while True:

@@ -36,10 +36,30 @@ recovery, burst limit), retransmission and abandonment (partial reliability), st
 `bufferedAmount` accounting (a message leaves `bufferedAmount` when it is handed to SCTP, as in
 aiortc). Ordering and reliability rest on those, so they are not touched.
 
+6. **No way to know what the peer has.** Delivery tracking (`install_delivery_tracking`, see
+   `bridge.room.delivery`): a message sent as `TrackedBytes` carries a `Delivery`; when SCTP cuts
+   it into chunks the delivery learns the TSN of its last chunk, and every SACK resolves the
+   deliveries its cumulative TSN ack covers (hooked where aiortc updates its ack point, after
+   each SACK); closing the association fails the pending ones with `NotConnectedError`. So that
+   a lone message is not left waiting for the peer's delayed-ack timer (pion acknowledges every
+   second packet, otherwise after 200 ms), the last DATA chunk of a transmit burst carries the
+   SACK-IMMEDIATELY bit (RFC 7053) while deliveries are pending.
+
+What is unchanged: TSN and stream-sequence assignment, congestion control (cwnd, ssthresh, fast
+recovery, burst limit), retransmission and abandonment (partial reliability), stream resets and
+`bufferedAmount` accounting (a message leaves `bufferedAmount` when it is handed to SCTP, as in
+aiortc). Ordering and reliability rest on those, so they are not touched.
+
 The patch is process-wide (class attributes) and applies only to aiortc versions it was written
 against (`SUPPORTED_VERSIONS`); on any other version `install()` logs a warning and leaves stock
 behaviour. `ROOMBUS_STOCK_SCTP=1` in the environment also keeps stock behaviour (for comparisons
-and as an escape hatch). Remove this module once aiortc does the same upstream.
+and as an escape hatch). Delivery tracking only observes (it changes nothing on the wire), so it
+is installed separately and stays on with `ROOMBUS_STOCK_SCTP=1`; there its TSNs are taken in
+aiortc's own `_send` and no SACK-IMMEDIATELY bit is set (a lone message may then wait up to the
+peer's delayed-ack time). On an aiortc version not in `SUPPORTED_VERSIONS` it is not installed:
+`delivery_tracking()` is False and callers (`FlowControlledChannel`) fall back, with a
+warning, to treating hand-off as delivery. Remove this module once aiortc does the same
+upstream.
 """
 
 from __future__ import annotations
@@ -57,6 +77,8 @@ import aiortc
 from aiortc import rtcsctptransport
 from aiortc.utils import uint16_add as _uint16_add
 
+from bridge.room.delivery import Delivery, DeliveryTracker, connection_lost
+
 # Typed as Any on purpose: this module works on aiortc's private internals.
 _sctp: Any = rtcsctptransport
 
@@ -66,6 +88,8 @@ log = logging.getLogger("roombus.room.sctp")
 SUPPORTED_VERSIONS = frozenset({"1.16.0"})
 # A SACK is sent at once after this many packets carrying DATA (RFC 9260 §6.2).
 SACK_EVERY_PACKETS = 2
+# The DATA chunk flag asking the receiver to SACK at once (RFC 7053 §3).
+SCTP_DATA_SACK_IMMEDIATELY = 0x08
 
 _T: Any = _sctp.RTCSctpTransport
 _State: Any = _T.State
@@ -166,6 +190,7 @@ _T._rb_rtx_pending = True  # chunks may be marked for retransmission: scan the s
 _T._rb_unacked_packets = 0  # packets with DATA received since our last SACK
 _T._rb_sack_handle = None  # the pending call_soon that sends a delayed SACK
 _T._rb_sack_task = None  # the task sending a delayed SACK, while it runs
+_T._rb_deliveries = None  # the association's DeliveryTracker, once a tracked message was sent
 
 
 # ------------------------------------------------------------------ send path
@@ -326,6 +351,8 @@ def _enqueue(
         self._outbound_queue.append(chunk)
     if ordered:
         self._outbound_stream_seq[stream_id] = _uint16_add(stream_seq, 1)
+    if type(user_data) is TrackedBytes:
+        user_data.delivery.tsn = _sctp.tsn_minus_one(self._local_tsn)
 
 
 async def _send_bundle(self: Any, chunks: list[bytes]) -> None:
@@ -382,12 +409,18 @@ async def _transmit(self: Any) -> None:
     bundle: list[bytes] = []
     size = 0
     now = time.time()
+    tracker: DeliveryTracker | None = self._rb_deliveries
+    waiting = tracker is not None and len(tracker) > 0
     while outbound and self._flight_size < cwnd:
         chunk = outbound.popleft()
         self._sent_queue.append(chunk)
         self._flight_size_increase(chunk)
         chunk._sent_count += 1
         chunk._sent_time = now
+        if waiting and (not outbound or self._flight_size >= cwnd):
+            # The last chunk before we go quiet: someone waits for its SACK, so ask for it now
+            # rather than after the peer's delayed-ack timer.
+            chunk.flags |= SCTP_DATA_SACK_IMMEDIATELY
         data = bytes(chunk)
         if bundle and size + len(data) > limit:
             await _send_bundle(self, bundle)
@@ -477,3 +510,138 @@ async def _send_delayed_sack(self: Any) -> None:
     if self._sack_needed and self._association_state == _State.ESTABLISHED:
         self._rb_unacked_packets = 0
         await self._send_sack()
+
+
+# ------------------------------------------------------------------ delivery tracking
+
+# The stock methods the delivery hooks wrap (none of them is replaced by `install()`).
+_DELIVERY_PATCHED = ("_send", "_update_advanced_peer_ack_point", "_set_state")
+_DELIVERY_REQUIRED = (*_DELIVERY_PATCHED, "_local_tsn", "_last_sacked_tsn", "_data_channel_queue")
+_delivery_originals: dict[str, Any] = {}
+_delivery_installed = False
+_delivery_refused = False  # install_delivery_tracking() refused (and warned) once
+_TSN_MODULO = 2**32
+
+
+class TrackedBytes(bytes):
+    """A message whose `Delivery` is awaited; aiortc passes the object on to chunking unchanged.
+
+    Only its identity matters to SCTP: chunks are slices (plain bytes) of it.
+    """
+
+    delivery: Delivery
+
+
+def tracked(data: bytes, delivery: Delivery) -> TrackedBytes:
+    """`data` marked so that SCTP tells `delivery` its TSN (empty data cannot be tracked)."""
+    if not data:
+        # aiortc sends b"" as a fresh b"\x00" placeholder, losing the mark.
+        raise ValueError("sctp: an empty message cannot be tracked")
+    marked = TrackedBytes(data)
+    marked.delivery = delivery
+    return marked
+
+
+def deliveries(transport: Any) -> DeliveryTracker:
+    """The `DeliveryTracker` of an `RTCSctpTransport` (created on first use)."""
+    tracker: DeliveryTracker | None = transport._rb_deliveries
+    if tracker is None:
+        tracker = DeliveryTracker()
+        if transport._association_state == _State.CLOSED and transport.state == "closed":
+            tracker.fail_all(connection_lost("SCTP association closed"), final=True)
+        transport._rb_deliveries = tracker
+    return tracker
+
+
+def delivery_tracking() -> bool:
+    """Whether delivery tracking is in effect."""
+    return _delivery_installed
+
+
+def install_delivery_tracking() -> bool:
+    """Install the delivery hooks once (idempotent); returns whether they are in effect.
+
+    Not affected by `ROOMBUS_STOCK_SCTP` (they only observe). Refuses, with a logged warning,
+    on an aiortc version not in `SUPPORTED_VERSIONS` or without the internals it relies on.
+    """
+    global _delivery_installed, _delivery_refused
+    if _delivery_installed:
+        return True
+    if _delivery_refused:
+        return False  # said so once already
+    _delivery_refused = True
+    if not supported():
+        log.warning(
+            "sctp: aiortc %s is not one of the versions delivery tracking was written for (%s): "
+            "a message counts as delivered once handed to the local SCTP queue, so a crash may "
+            "lose acknowledged messages",
+            aiortc.__version__,
+            ", ".join(sorted(SUPPORTED_VERSIONS)),
+        )
+        return False
+    missing = [name for name in _DELIVERY_REQUIRED if not _has_member(name)]
+    if missing:
+        log.warning("sctp: aiortc lacks %s: no delivery tracking", ", ".join(missing))
+        return False
+    for name in _DELIVERY_PATCHED:
+        _delivery_originals[name] = _T.__dict__[name]
+    _T._send = _wrap_send(_delivery_originals["_send"])
+    _T._update_advanced_peer_ack_point = _wrap_ack_point(
+        _delivery_originals["_update_advanced_peer_ack_point"]
+    )
+    _T._set_state = _wrap_set_state(_delivery_originals["_set_state"])
+    _delivery_installed = True
+    _delivery_refused = False
+    return True
+
+
+def uninstall_delivery_tracking() -> None:
+    """Remove the delivery hooks (for tests); a later install checks (and warns) again."""
+    global _delivery_installed, _delivery_refused
+    _delivery_refused = False
+    for name, method in _delivery_originals.items():
+        setattr(_T, name, method)
+    _delivery_originals.clear()
+    _delivery_installed = False
+
+
+def _wrap_send(original: Callable[..., Any]) -> Callable[..., Any]:
+    async def _send(
+        self: Any,
+        stream_id: int,
+        pp_id: int,
+        user_data: bytes,
+        expiry: float | None = None,
+        max_retransmits: int | None = None,
+        ordered: bool = True,
+    ) -> None:
+        # Stock aiortc's chunking (our `_enqueue` records the TSN itself). The TSNs are those
+        # `_send` assigns before its first await: `_local_tsn` onwards, one per fragment.
+        if type(user_data) is TrackedBytes:
+            fragments = math.ceil(len(user_data) / _sctp.USERDATA_MAX_LENGTH)
+            user_data.delivery.tsn = (self._local_tsn + fragments - 1) % _TSN_MODULO
+        await original(self, stream_id, pp_id, user_data, expiry, max_retransmits, ordered)
+
+    return _send
+
+
+def _wrap_ack_point(original: Callable[[Any], None]) -> Callable[[Any], None]:
+    def _update_advanced_peer_ack_point(self: Any) -> None:
+        # Called after every SACK that moved (or kept) the cumulative ack, and on T3 expiry.
+        tracker: DeliveryTracker | None = self._rb_deliveries
+        if tracker is not None and len(tracker):
+            tracker.acknowledge(self._last_sacked_tsn)
+        original(self)
+
+    return _update_advanced_peer_ack_point
+
+
+def _wrap_set_state(original: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+    def _set_state(self: Any, state: Any) -> None:
+        original(self, state)
+        if state == _State.CLOSED:
+            tracker: DeliveryTracker | None = self._rb_deliveries
+            if tracker is not None:
+                tracker.fail_all(connection_lost("SCTP association closed"), final=True)
+
+    return _set_state

@@ -55,12 +55,14 @@ from typing import Any, Final, Generic, Self, TypeAlias, TypeVar
 
 from livekit.protocol import models
 
+from bridge.room.delivery import Delivery
 from bridge.room.errors import StreamError
 from bridge.room.types import (
     CLIENT_PROTOCOL_DATA_STREAM_V2,
     STREAM_CHUNK_SIZE,
     Counters,
     PacketTransport,
+    TrackingPacketTransport,
 )
 
 logger = logging.getLogger("roombus.room.streams")
@@ -535,7 +537,10 @@ class _Outgoing:
         self.next_index += 1
         await self.manager._transport.send_packet(packet, reliable=True)
 
-    async def close(self, reason: str = "", attributes: Mapping[str, str] | None = None) -> None:
+    async def close(
+        self, reason: str = "", attributes: Mapping[str, str] | None = None, *, track: bool = False
+    ) -> Delivery | None:
+        """Send the trailer; with `track`, return its `Delivery` (which covers the stream)."""
         self._check_usable()
         self.closed = True
         self.manager._outgoing.pop(self.stream_id, None)
@@ -544,7 +549,10 @@ class _Outgoing:
         packet.stream_trailer.reason = reason[:_MAX_REASON_CHARS]
         if attributes:
             packet.stream_trailer.attributes.update(attributes)
+        if track:
+            return await self.manager._send_tracked(packet)
         await self.manager._transport.send_packet(packet, reliable=True)
+        return None
 
     async def close_abnormally(self, reason: str) -> None:
         """Best effort abnormal trailer after a failure; never raises."""
@@ -598,7 +606,11 @@ class _StreamWriter:
                 self._written += len(piece)
 
     async def aclose(
-        self, reason: str | None = None, *, attributes: Mapping[str, str] | None = None
+        self,
+        reason: str | None = None,
+        *,
+        attributes: Mapping[str, str] | None = None,
+        wait_delivered: bool = False,
     ) -> None:
         """End the stream with a trailer.
 
@@ -606,12 +618,15 @@ class _StreamWriter:
             reason: None or empty for a normal end; any other text ends the stream abnormally and
                 the receiver's reader raises `StreamError` with it.
             attributes: Extra attributes the receiver merges into the stream's attributes.
+            wait_delivered: Return only once livekit-server has acknowledged the trailer (and
+                so the whole stream); `NotConnectedError` if the connection was lost first.
 
         Raises:
             StreamError: The stream was already closed or aborted (e.g. the room closed), or a
                 normal end was asked for fewer bytes than the announced total (the trailer then
                 says so and the receiver fails too).
         """
+        delivery: Delivery | None = None
         async with self._lock:
             if self._stream.closed and not reason:
                 return
@@ -621,7 +636,9 @@ class _StreamWriter:
                 raise StreamError(f"stream {self._stream.stream_id}: closing failed: {short}")
             if reason and (self._stream.closed or self._stream.abort_reason is not None):
                 return  # already over; nothing more to tell the receiver
-            await self._stream.close(reason or "", attributes)
+            delivery = await self._stream.close(reason or "", attributes, track=wait_delivered)
+        if delivery is not None:
+            await delivery
 
     async def __aenter__(self) -> Self:
         return self
@@ -1225,9 +1242,12 @@ class StreamManager:
 
     async def _send_whole(
         self, header: models.DataStream.Header, payload: bytes, destinations: Sequence[str], *,
-        text: bool,
-    ) -> None:  # fmt: skip
-        """Send a complete payload: inline or compressed when every recipient can read it."""
+        text: bool, track: bool = False,
+    ) -> Delivery | None:  # fmt: skip
+        """Send a complete payload: inline or compressed when every recipient can read it.
+
+        With `track`, returns the `Delivery` of the last packet (the inline header or trailer).
+        """
         self._check_open()
         _check_header_size(header)
         v2, may_compress = self._v2_support(destinations)
@@ -1245,8 +1265,10 @@ class StreamManager:
                 if compressed is not None:
                     packet.stream_header.compression = _DEFLATE_RAW
                 if packet.ByteSize() <= STREAM_CHUNK_SIZE:
+                    if track:
+                        return await self._send_tracked(packet)
                     await self._transport.send_packet(packet, reliable=True)
-                    return
+                    return None
         if compressed is not None:
             header.compression = _DEFLATE_RAW
             pieces = _split_bytes(compressed)
@@ -1260,7 +1282,13 @@ class StreamManager:
         except BaseException as exc:
             await stream.close_abnormally(f"sending failed: {type(exc).__name__}")
             raise
-        await stream.close()
+        return await stream.close(track=track)
+
+    async def _send_tracked(self, packet: models.DataPacket) -> Delivery:
+        transport = self._transport
+        if not isinstance(transport, TrackingPacketTransport):
+            raise TypeError("streams: this transport cannot track deliveries")
+        return await transport.send_packet_tracked(packet)
 
     async def send_text(
         self,
@@ -1272,6 +1300,7 @@ class StreamManager:
         reply_to_id: str | None = None,
         attachments: Sequence[str | os.PathLike[str]] = (),
         stream_id: str | None = None,
+        wait_delivered: bool = False,
     ) -> TextStreamInfo:
         """Send a whole text as a stream (one inline packet when every recipient reads v2).
 
@@ -1286,13 +1315,16 @@ class StreamManager:
             reply_to_id: Id of the stream this text replies to.
             attachments: Paths of files to attach.
             stream_id: The stream id to use; a fresh UUID by default.
+            wait_delivered: Return only once livekit-server has acknowledged the last packet
+                sent (the text's, or its last attachment's), so everything before it too.
 
         Returns:
             The sent stream's information.
 
         Raises:
             StreamError: The header is too large, or an attachment could not be read.
-            NotConnectedError: The room is not connected.
+            NotConnectedError: The room is not connected, or (with `wait_delivered`) the
+                connection was lost before the server acknowledged the stream.
         """
         data = text.encode("utf-8")
         attachment_ids = [str(uuid.uuid4()) for _ in attachments]
@@ -1305,13 +1337,20 @@ class StreamManager:
         if reply_to_id:
             header.text_header.reply_to_stream_id = reply_to_id
         info = _info_from_header(header)
-        await self._send_whole(header, data, destination_identities, text=True)
+        # Acknowledgement is cumulative: the delivery of the last packet covers all before it.
+        delivery = await self._send_whole(
+            header, data, destination_identities, text=True,
+            track=wait_delivered and not attachments,
+        )  # fmt: skip
         self.counters.inc("streams.sent")
-        for attachment_id, path in zip(attachment_ids, attachments, strict=True):
+        for i, (attachment_id, path) in enumerate(zip(attachment_ids, attachments, strict=True)):
+            last = i == len(attachments) - 1
             await self.send_file(
                 path, topic=topic, destination_identities=destination_identities,
-                stream_id=attachment_id,
+                stream_id=attachment_id, wait_delivered=wait_delivered and last,
             )  # fmt: skip
+        if delivery is not None:
+            await delivery
         assert isinstance(info, TextStreamInfo)
         return info
 
@@ -1366,6 +1405,7 @@ class StreamManager:
         destination_identities: Sequence[str] = (),
         attributes: Mapping[str, str] | None = None,
         stream_id: str | None = None,
+        wait_delivered: bool = False,
     ) -> ByteStreamInfo:
         """Send a whole payload as a byte stream (one inline packet when every recipient reads v2).
 
@@ -1377,13 +1417,15 @@ class StreamManager:
             destination_identities: Recipients; empty for every participant.
             attributes: Stream attributes.
             stream_id: The stream id to use; a fresh UUID by default.
+            wait_delivered: Return only once livekit-server has acknowledged the stream.
 
         Returns:
             The sent stream's information.
 
         Raises:
             StreamError: The header is too large.
-            NotConnectedError: The room is not connected.
+            NotConnectedError: The room is not connected, or (with `wait_delivered`) the
+                connection was lost before the server acknowledged the stream.
         """
         data = bytes(data)
         header = self._header(
@@ -1392,8 +1434,12 @@ class StreamManager:
         )  # fmt: skip
         header.byte_header.name = name
         info = _info_from_header(header)
-        await self._send_whole(header, data, destination_identities, text=False)
+        delivery = await self._send_whole(
+            header, data, destination_identities, text=False, track=wait_delivered
+        )
         self.counters.inc("streams.sent")
+        if delivery is not None:
+            await delivery
         assert isinstance(info, ByteStreamInfo)
         return info
 
@@ -1408,6 +1454,7 @@ class StreamManager:
         name: str | None = None,
         on_progress: Callable[[float], None] | None = None,
         stream_id: str | None = None,
+        wait_delivered: bool = False,
     ) -> ByteStreamInfo:
         """Send a file as a byte stream, read incrementally (header, chunks, trailer; no inline).
 
@@ -1420,6 +1467,7 @@ class StreamManager:
             name: Name sent to receivers; the file's base name by default.
             on_progress: Called with the fraction sent after each chunk; the last call is 1.0.
             stream_id: The stream id to use; a fresh UUID by default.
+            wait_delivered: Return only once livekit-server has acknowledged the stream.
 
         Returns:
             The sent stream's information.
@@ -1448,6 +1496,7 @@ class StreamManager:
             handle = await asyncio.to_thread(open, path, "rb")
         except OSError as exc:
             raise StreamError(f"send_file {path}: reading failed: {exc}") from exc
+        delivery: Delivery | None = None
         try:
             await stream.open()
             sent = 0
@@ -1470,13 +1519,15 @@ class StreamManager:
             if sent != size:
                 await stream.close_abnormally("file shrank while being sent")
                 raise StreamError(f"send_file {path}: sending failed: file shrank while sent")
-            await stream.close()
+            delivery = await stream.close(track=wait_delivered)
         except BaseException as exc:
             if not isinstance(exc, StreamError):
                 await stream.close_abnormally(f"sending failed: {type(exc).__name__}")
             raise
         finally:
             await asyncio.to_thread(handle.close)
+        if delivery is not None:
+            await delivery
         if on_progress is not None:
             self._progress(on_progress, 1.0, path)
         self.counters.inc("streams.sent")

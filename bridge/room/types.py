@@ -13,9 +13,12 @@ import enum
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from livekit.protocol import models
+
+if TYPE_CHECKING:
+    from bridge.room.delivery import Delivery
 
 # An encoded DataPacket larger than this makes livekit-server close the data channel
 # (it reads with a 65,535-byte buffer); the SDKs guard at 64,000 and so do we.
@@ -94,4 +97,13 @@ class PacketTransport(Protocol):
 
     def remote_identities(self) -> Sequence[str]:
         """Identities of every remote participant currently in the room."""
+        ...
+
+
+@runtime_checkable
+class TrackingPacketTransport(PacketTransport, Protocol):
+    """A `PacketTransport` that can also tell when livekit-server has a packet."""
+
+    async def send_packet_tracked(self, packet: models.DataPacket) -> Delivery:
+        """Send one reliable DataPacket; returns once it is queued, with its `Delivery`."""
         ...

@@ -90,11 +90,18 @@ class _Pair:
 
 
 @contextlib.asynccontextmanager
-async def _associated() -> AsyncIterator[_Pair]:
+async def _associated(initial_tsn: int | None = None) -> AsyncIterator[_Pair]:
+    """Two established associations; `initial_tsn` sets a's first TSN (e.g. near wrap-around)."""
     link_a, link_b = _End("client"), _End("server")
     link_a.peer, link_b.peer = link_b, link_a
     a = RTCSctpTransport(link_a)  # type: ignore[arg-type]
     b = RTCSctpTransport(link_b)  # type: ignore[arg-type]
+    if initial_tsn is not None:
+        # As RTCSctpTransport.__init__ derives them from its random initial TSN.
+        a._local_tsn = initial_tsn
+        a._last_sacked_tsn = rtcsctptransport.tsn_minus_one(initial_tsn)
+        a._advanced_peer_ack_tsn = rtcsctptransport.tsn_minus_one(initial_tsn)
+        a._reconfig_request_seq = initial_tsn
     pumps = [asyncio.create_task(link.pump()) for link in (link_a, link_b)]
     try:
         await a.start(b.getCapabilities(), b.port)
