@@ -1,7 +1,9 @@
 """Bus-to-room deliveries: a `RoomDelivery` into the room it names.
 
-`RoomSink.deliver` returns once the delivery was handed to the room (packets, streams,
-attributes) or to the server API (room metadata, another participant's attributes). A room
+`RoomSink.deliver` returns once livekit-server has the delivery: its SCTP acknowledgement covers
+the packet (for a stream, the trailer), the server confirmed the attribute change, or the server
+API answered (room metadata, another participant's attributes). Lossy packets are not tracked:
+they are at most once by nature. A room
 that is rejoining is waited for (a transient failure is never a rejection); what LiveKit
 refuses for good (too large for a packet with ``oversize: reject``, a state update the server
 refuses, invalid UTF-8 for text) raises `RejectedMessage`.
@@ -64,11 +66,14 @@ class RoomSink:
         lp = room.local_participant
         if d.kind == "packet":
             try:
+                # Returns once livekit-server acknowledged the packet (SCTP), so the bus
+                # acknowledgement that follows never covers a packet still on this machine.
                 await lp.publish_data(
                     d.payload,
                     reliable=d.reliable,
                     destination_identities=d.destinations,
                     topic=d.topic,
+                    wait_delivered=True,
                 )
                 return
             except DataPacketTooLargeError:
@@ -82,6 +87,7 @@ class RoomSink:
                 topic=d.topic or "",
                 destination_identities=d.destinations,
                 attributes=_provenance(d, envelope),
+                wait_delivered=True,
             )
         elif d.kind == "text_stream":
             try:
@@ -93,6 +99,7 @@ class RoomSink:
                 topic=d.topic or "",
                 destination_identities=d.destinations,
                 attributes={**_provenance(d, envelope), **d.attributes},
+                wait_delivered=True,
             )
         elif d.kind == "byte_stream":
             await lp.send_bytes(
@@ -102,6 +109,7 @@ class RoomSink:
                 topic=d.topic or "",
                 destination_identities=d.destinations,
                 attributes={**_provenance(d, envelope), **d.attributes},
+                wait_delivered=True,
             )
         elif d.kind == "attribute":
             assert d.key is not None
