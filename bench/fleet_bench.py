@@ -1,15 +1,17 @@
 """Fleet benchmark: MQTT devices and SDK observers through the bridge, against a bare relay.
 
-    scripts/netns .venv/bin/python -m bench.fleet_bench [--quick] [--case fleet|room-kafka|all]
+    scripts/netns .venv/bin/python -m bench.fleet_bench [--quick]
+        [--case fleet|room-kafka|text-kafka|all]
         [--devices 200] [--rooms 20] [--rate 5] [--duration 120] [--report FILE]
 
-Starts livekit-server, Mosquitto and (for ``room-kafka``) Kafka inside the test namespace, then
+Starts livekit-server, Mosquitto and (for the Kafka cases) Kafka inside the test namespace, then
 runs the same load against each *target* in turn, each a separate process measured from
 ``/proc``:
 
 * ``bridge``: the real daemon, ``.venv/bin/roombus run <generated config.yaml>``;
 * ``relay``: the bare relay baseline (`bench.fleet_relay`): the same libraries with no routing
-  (paho -> our participant's ``publish_data``; our participant -> aiokafka, pipelined).
+  (paho -> our participant's ``publish_data``; our participant's packets or text stream
+  handler -> aiokafka, pipelined).
 
 Cases:
 
@@ -23,9 +25,13 @@ Cases:
 * ``room-kafka``: SDK participants publish packets paced at ``--kafka-rate`` in total into the
   rooms; the target produces them to a Kafka topic; a consumer (`bench.fleet_observer`
   ``--mode kafka``) checks them.
+* ``text-kafka``: the same with text streams: SDK participants call ``send_text`` (``--text-size``
+  characters each) on topic ``bench-text`` paced at ``--text-rate`` in total; the target produces
+  each whole stream as one record.
 
 Every message carries a fixed header (`HEADER`: run id, sender, sequence number, send time on
-the system-wide monotonic clock) padded to ``--size`` bytes, so every receiver computes one-way
+the system-wide monotonic clock) padded to ``--size`` bytes (in text streams: hex-encoded, see
+`pack_text`), so every receiver computes one-way
 latency, losses, duplicates and order per sender. Per direction the report gives sent /
 acknowledged / delivered / lost / duplicated / out of order, latency p50 / p99 / max, the
 largest gap between two deliveries of one sender, and each target's CPU µs per forwarded
@@ -70,6 +76,8 @@ KIND_PROBE = 2
 PEER_BRIDGE = "bridge"
 PEER_RELAY = "relay"
 KAFKA_PACKET_TOPIC = "bench"
+KAFKA_TEXT_TOPIC = "bench-text"
+KAFKA_CASES = ("room-kafka", "text-kafka")
 ROOMBUS = str(Path(sys.executable).parent / "roombus")
 
 
@@ -94,8 +102,20 @@ def pack(run: str, kind: int, sender: str, seq: int, size: int) -> bytes:
     return head + b"." * max(0, size - HEADER.size)
 
 
+def pack_text(run: str, kind: int, sender: str, seq: int, size: int) -> str:
+    """A text message: the header, stamped now, in hex, padded to `size` characters."""
+    head = pack(run, kind, sender, seq, HEADER.size).hex()
+    return head + "." * max(0, size - len(head))
+
+
 def unpack(data: bytes) -> tuple[int, bytes, str, int, int] | None:
-    """(kind, run, sender, seq, sent_ns) of a message, or None if it is not one of ours."""
+    """(kind, run, sender, seq, sent_ns) of a message (binary or `pack_text`), or None."""
+    if data[:1] not in (bytes([KIND_DATA]), bytes([KIND_PROBE])):
+        # Hex digits are never a kind byte: a text message.
+        try:
+            data = bytes.fromhex(data[: HEADER.size * 2].decode("ascii"))
+        except ValueError:
+            return None
     if len(data) < HEADER.size:
         return None
     kind, run, sender, seq, sent = HEADER.unpack_from(data)
@@ -431,6 +451,11 @@ bridge:
 """
         )
     assert servers.kafka is not None
+    source = (
+        f'packet: {{topic: "{KAFKA_PACKET_TOPIC}"}}'
+        if case == "room-kafka"
+        else f'text_stream: {{topic: "{KAFKA_TEXT_TOPIC}", mode: whole}}'
+    )
     return (
         head
         + f"""\
@@ -438,7 +463,7 @@ kafka:
   main: {{bootstrap_servers: ["{servers.kafka.bootstrap}"], client_id: fleet-bridge, acks: all}}
 connectors:
   - name: to-kafka
-    from: {{room: "fleet-*", packet: {{topic: "{KAFKA_PACKET_TOPIC}"}}}}
+    from: {{room: "fleet-*", {source}}}
     to: {{kafka: main, topic: "{kafka_topic}", key: "{{room}}"}}
 bridge:
   health_port: {args.health_port}
@@ -490,11 +515,12 @@ async def run_target(
     lk = servers.livekit
     kafka_topic = f"fleet.{target}.{run}"
     duration = args.duration if case == "fleet" else args.kafka_duration
+    text = case == "text-kafka"
     children: list[Child] = []
     target_child: Child | None = None
     outs: list[tuple[Child, Path]] = []
     try:
-        if case == "room-kafka":
+        if case in KAFKA_CASES:
             assert servers.kafka is not None
             await _create_topic(servers.kafka.bootstrap, kafka_topic, args.kafka_partitions)
         # --- the target
@@ -514,7 +540,7 @@ async def run_target(
             argv = _py(
                 "bench.fleet_relay",
                 "--mode",
-                "fleet" if case == "fleet" else "kafka",
+                {"fleet": "fleet", "room-kafka": "kafka", "text-kafka": "text"}[case],
                 "--url",
                 lk.url,
                 "--api-key",
@@ -537,7 +563,8 @@ async def run_target(
             target_child = await Child.start(f"relay-{case}", argv, workdir, control=True)
             await target_child.expect("ready", args.ready_timeout)
         # --- the load generators
-        common = ["--run", run, "--size", str(args.size), "--duration", str(duration)]
+        size = args.text_size if text else args.size
+        common = ["--run", run, "--size", str(size), "--duration", str(duration)]
         common += ["--drain-quiet", str(args.drain_quiet), "--drain-max", str(args.drain_max)]
         lk_args = ["--url", lk.url, "--api-key", lk.api_key, "--api-secret", lk.api_secret]
         for i, group in enumerate(_chunks(rooms, args.rooms_per_observer)):
@@ -559,7 +586,11 @@ async def run_target(
                 "--cmd-rate",
                 str(args.cmd_rate),
                 "--send-rate",
-                str(args.kafka_rate / args.rooms),
+                str((args.text_rate if text else args.kafka_rate) / args.rooms),
+                "--send-kind",
+                "text" if text else "packet",
+                "--window",
+                str(args.text_window if text else 8),
                 "--out",
                 str(out),
             )
@@ -789,7 +820,7 @@ def _directions(
     return [
         analyse(
             target,
-            "room→Kafka (packets)",
+            "room→Kafka (text streams)" if case == "text-kafka" else "room→Kafka (packets)",
             merge("kafka_sent"),
             total("kafka_acked"),
             merge("kafka_seen"),
@@ -807,20 +838,29 @@ def _f(value: float, digits: int = 1) -> str:
 
 def render(runs: list[TargetRun], args: argparse.Namespace) -> str:
     """The Markdown report."""
+
+    def load(case: str) -> str:
+        if case == "fleet":
+            return (
+                f"fleet: {args.devices} devices x {args.rooms} rooms x {args.rate:g} msg/s for "
+                f"{args.duration:g} s, commands {args.cmd_rate:g}/s per room, {args.size} B"
+            )
+        if case == "text-kafka":
+            return (
+                f"text-kafka: {args.rooms} rooms, {args.text_rate:g} send_text/s in total for "
+                f"{args.kafka_duration:g} s, {args.text_size} characters, "
+                f"{args.text_window} in flight per room"
+            )
+        return (
+            f"room-kafka: {args.rooms} rooms, {args.kafka_rate:g} msg/s in total for "
+            f"{args.kafka_duration:g} s, {args.size} B"
+        )
+
     lines = [
         f"# fleet_bench ({time.strftime('%Y-%m-%d %H:%M')})",
         "",
-        "; ".join(
-            (
-                f"fleet: {args.devices} devices x {args.rooms} rooms x {args.rate:g} msg/s for "
-                f"{args.duration:g} s, commands {args.cmd_rate:g}/s per room"
-            )
-            if case == "fleet"
-            else f"room-kafka: {args.rooms} rooms, {args.kafka_rate:g} msg/s in total for "
-            f"{args.kafka_duration:g} s"
-            for case in dict.fromkeys(r.case for r in runs)
-        )
-        + f"; {args.size} B messages; {os.cpu_count()} cores.",
+        "; ".join(load(case) for case in dict.fromkeys(r.case for r in runs))
+        + f"; {os.cpu_count()} cores.",
         "",
     ]
     for run in runs:
@@ -849,7 +889,11 @@ def render(runs: list[TargetRun], args: argparse.Namespace) -> str:
     for case in dict.fromkeys(r.case for r in runs):
         by = {r.target: r for r in runs if r.case == case and not r.error}
         b, r = by.get("bridge"), by.get("relay")
-        path = "MQTT→room (+ commands)" if case == "fleet" else "room→Kafka"
+        path = {
+            "fleet": "MQTT→room (+ commands)",
+            "room-kafka": "room packet→Kafka",
+            "text-kafka": "text stream→Kafka",
+        }[case]
         bu = b.target_cpu_us_per_msg if b else float("nan")
         ru = r.target_cpu_us_per_msg if r else float("nan")
         ratio = bu / ru if b and r else float("nan")
@@ -891,7 +935,7 @@ async def run(args: argparse.Namespace) -> int:
         return 2
     from tests.services import Kafka, LiveKitServer, Mosquitto
 
-    cases = ["fleet", "room-kafka"] if args.case == "all" else [args.case]
+    cases = ["fleet", *KAFKA_CASES] if args.case == "all" else [args.case]
     keep = Path(args.workdir) if args.workdir else None
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
         workdir = keep or Path(tmp)
@@ -905,7 +949,7 @@ async def run(args: argparse.Namespace) -> int:
         )
         mq = Mosquitto(name="mosquitto-fleet-bench", workdir=workdir / "mqtt", port=args.mqtt_port)
         kafka = None
-        if "room-kafka" in cases:
+        if any(case in KAFKA_CASES for case in cases):
             kafka = Kafka(
                 name="kafka-fleet-bench",
                 workdir=workdir / "kafka",
@@ -948,7 +992,7 @@ async def run(args: argparse.Namespace) -> int:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line (``--quick`` overrides the sizes with a small preset)."""
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--case", choices=["fleet", "room-kafka", "all"], default="all")
+    p.add_argument("--case", choices=["fleet", *KAFKA_CASES, "all"], default="all")
     p.add_argument("--targets", nargs="+", choices=["bridge", "relay"], default=["bridge", "relay"])
     p.add_argument("--quick", action="store_true", help="20 devices x 4 rooms x 5 msg/s x 15 s")
     p.add_argument("--devices", type=int, default=200)
@@ -959,6 +1003,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kafka-rate", type=float, default=500.0, help="room→Kafka msg/s in total")
     p.add_argument("--kafka-duration", type=float, default=60.0, help="room→Kafka load seconds")
     p.add_argument("--kafka-partitions", type=int, default=4)
+    p.add_argument("--text-rate", type=float, default=100.0, help="text-kafka send_text/s in total")
+    p.add_argument("--text-size", type=int, default=200, help="text-kafka characters per stream")
+    p.add_argument(
+        "--text-window",
+        type=int,
+        default=1,
+        help="send_text calls in flight per room (1: the SDK cannot reorder them)",
+    )
     p.add_argument("--size", type=int, default=128, help="message bytes (header + padding)")
     p.add_argument("--devices-per-process", type=int, default=50)
     p.add_argument("--rooms-per-observer", type=int, default=4)
@@ -987,6 +1039,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.size < HEADER.size:
         p.error(f"--size must be at least {HEADER.size}")
+    if args.text_size < HEADER.size * 2:
+        p.error(f"--text-size must be at least {HEADER.size * 2} (the header in hex)")
     return args
 
 

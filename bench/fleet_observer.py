@@ -6,7 +6,8 @@ Modes:
   rooms per process), receiving the devices' ``telemetry.<device>`` packets and sending commands
   on ``command/<device>`` at ``--cmd-rate`` per room, round robin over the room's devices.
 * ``send``: one SDK participant per room publishing packets on topic ``bench`` at
-  ``--send-rate`` per room (room→Kafka load).
+  ``--send-rate`` per room (room→Kafka load); with ``--send-kind text``, text streams
+  (``send_text``, `pack_text`, ``--size`` characters) on topic ``bench-text`` instead.
 * ``kafka``: an aiokafka consumer of ``--kafka-topic`` (every partition, from the beginning),
   checking what the target produced.
 
@@ -27,6 +28,7 @@ from typing import Any
 
 from bench.fleet_bench import (
     KAFKA_PACKET_TOPIC,
+    KAFKA_TEXT_TOPIC,
     KIND_DATA,
     KIND_PROBE,
     Deliveries,
@@ -36,6 +38,7 @@ from bench.fleet_bench import (
     emit,
     pace,
     pack,
+    pack_text,
     room_names,
     room_of,
     unpack,
@@ -147,6 +150,18 @@ class SdkRooms:
         )
         return publish
 
+    async def _send_text(self, name: str, text: str) -> None:
+        await self.rooms[name].local_participant.send_text(text, topic=KAFKA_TEXT_TOPIC)
+
+    def _send(
+        self, name: str, kind: int, sender: str, seq: int, size: int
+    ) -> Coroutine[Any, Any, None]:
+        """Mode ``send``: a packet on ``bench`` or a text stream on ``bench-text``."""
+        if self.args.send_kind == "text":
+            return self._send_text(name, pack_text(self.args.run, kind, sender, seq, size))
+        payload = pack(self.args.run, kind, sender, seq, size)
+        return self._publish(name, payload, KAFKA_PACKET_TOPIC)
+
     async def probe(self, stop: asyncio.Event) -> None:
         """Fleet: a probe command to each room's first device; send: a probe packet per room."""
         while not stop.is_set():
@@ -159,8 +174,7 @@ class SdkRooms:
                             self._publish(name, probe, f"command/{first}")
                         )
                 else:
-                    probe = pack(self.args.run, KIND_PROBE, name, 0, 64)
-                    await self.window[name].submit(self._publish(name, probe, KAFKA_PACKET_TOPIC))
+                    await self.window[name].submit(self._send(name, KIND_PROBE, name, 0, 64))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
         for window in self.window.values():  # probes do not count as sent
@@ -181,10 +195,12 @@ class SdkRooms:
         async for k in pace(t0, int(rate * args.duration), interval, phase):
             target = devices[k % len(devices)]
             seq = k // len(devices)
-            payload = pack(args.run, KIND_DATA, target, seq, args.size)
-            topic = f"command/{target}" if args.mode == "fleet" else KAFKA_PACKET_TOPIC
             self.sent[target] = self.sent.get(target, 0) + 1
-            await window.submit(self._publish(name, payload, topic))
+            if args.mode == "fleet":
+                payload = pack(args.run, KIND_DATA, target, seq, args.size)
+                await window.submit(self._publish(name, payload, f"command/{target}"))
+            else:
+                await window.submit(self._send(name, KIND_DATA, target, seq, args.size))
 
     async def load(self, t0: float) -> None:
         await asyncio.gather(*(self.load_room(name, t0) for name in self.names))
@@ -335,6 +351,7 @@ def main() -> None:
     parser.add_argument("--peer", default="bridge", help="identity of the target participant")
     parser.add_argument("--cmd-rate", type=float, default=1.0, help="commands/s per room")
     parser.add_argument("--send-rate", type=float, default=25.0, help="packets/s per room (send)")
+    parser.add_argument("--send-kind", choices=["packet", "text"], default="packet")
     parser.add_argument("--window", type=int, default=8, help="SDK publishes in flight per room")
     parser.add_argument("--kafka", default="", help="bootstrap server (mode kafka)")
     parser.add_argument("--kafka-topic", default="")

@@ -11,6 +11,9 @@ acknowledged (PUBACK) when that returns, as the bridge does. Command packets
 Mode ``kafka``: packets on topic ``bench`` received by our participant go to an aiokafka
 producer (acks=all, idempotent, keyed by room), pipelined: up to 1,000 sends in flight.
 
+Mode ``text``: the same producer for text streams on topic ``bench-text``: our participant's
+text stream handler reads each stream whole (``read_all``) and queues its UTF-8 bytes.
+
 Identity ``--identity`` (``relay``). Control: ``ready`` once every room is joined and the bus is
 connected; on ``quit`` it writes its counters to ``--out``, reports ``done`` and exits.
 """
@@ -27,10 +30,17 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from bench.fleet_bench import KAFKA_PACKET_TOPIC, control_lines, emit, write_result
+from bench.fleet_bench import (
+    KAFKA_PACKET_TOPIC,
+    KAFKA_TEXT_TOPIC,
+    control_lines,
+    emit,
+    write_result,
+)
 from bridge.room.events import DataReceived
 from bridge.room.room import Room
 from bridge.room.server_api import mint_token
+from bridge.room.streams import TextStreamReader
 
 
 class AsyncPaho:
@@ -103,6 +113,12 @@ class Relay:
     async def _join(self, name: str) -> None:
         room = Room()
         room.on(DataReceived, lambda event: self._on_packet(name, event))
+        if self.args.mode == "text":
+
+            async def on_text(reader: TextStreamReader, _identity: str) -> None:
+                await self._on_text(name, reader)
+
+            room.register_text_stream_handler(KAFKA_TEXT_TOPIC, on_text)
         token = mint_token(
             self.args.api_key, self.args.api_secret, identity=self.args.identity, room=name
         )
@@ -181,6 +197,15 @@ class Relay:
             self.kafka_inbox.append((room, event.packet.data))
             self.wake.set()
 
+    async def _on_text(self, room: str, reader: TextStreamReader) -> None:
+        try:
+            text = await reader.read_all()
+        except Exception as exc:  # noqa: BLE001 - counted; a baseline does not retry
+            self.errors[f"text stream {type(exc).__name__}"] += 1
+            return
+        self.kafka_inbox.append((room, text.encode()))
+        self.wake.set()
+
     async def _kafka_worker(self) -> None:
         while True:
             while not self.kafka_inbox:
@@ -232,7 +257,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--mode", choices=["fleet", "kafka"], required=True)
+    parser.add_argument("--mode", choices=["fleet", "kafka", "text"], required=True)
     parser.add_argument("--url", required=True)
     parser.add_argument("--api-key", required=True)
     parser.add_argument("--api-secret", required=True)

@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from bridge import __version__
 from bridge.app import build_bridge
@@ -154,4 +154,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     setup_logging(args.log_level, args.log_format)
-    return asyncio.run(run_bridge(config))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(run_bridge(config))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop: libuv's (uvloop: less CPU per message) unless ROOMBUS_LOOP=asyncio."""
+    if os.environ.get("ROOMBUS_LOOP", "uvloop") == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory

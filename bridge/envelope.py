@@ -8,6 +8,7 @@ headers, MQTT 5 user properties, and LiveKit stream attributes.
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections.abc import Mapping
@@ -26,9 +27,15 @@ H_TIMESTAMP = "lk-timestamp"  # milliseconds since the epoch, when the bridge re
 H_SOURCE = "roombus-source"  # the bridge endpoint a message came from (loop guard)
 
 
+# Ids are a random per-process prefix and a counter: unique enough to correlate log lines,
+# and without the cost of a uuid4 per message (an os.urandom call on the hot path).
+_ID_PREFIX = uuid.uuid4().hex[:8]
+_ids = itertools.count(1)
+
+
 def new_id() -> str:
-    """A short random id for log correlation."""
-    return uuid.uuid4().hex[:16]
+    """A short id for log correlation, unique within the process."""
+    return f"{_ID_PREFIX}{next(_ids):08x}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +55,8 @@ class Envelope:
     qos: int = 0
     retain: bool = False
     expiry: float | None = None
+    # Kafka: the record's partition ({partition} in templates).
+    partition: int | None = None
     # Request/reply: where the answer goes and how to correlate it.
     response_topic: str | None = None
     correlation_data: bytes | None = None

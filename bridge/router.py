@@ -289,7 +289,7 @@ class ToRoomRoute:
         return {
             "topic": envelope.topic,
             "key": key,
-            "partition": envelope.headers.get("kafka-partition", ""),
+            "partition": "" if envelope.partition is None else str(envelope.partition),
         }
 
     def delivery(self, envelope: Envelope, values: Mapping[str, str]) -> RoomDelivery:

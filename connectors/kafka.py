@@ -1360,6 +1360,12 @@ class KafkaSource:
         )
 
     async def _establish_positions(self, assigned: list[TopicPartition]) -> None:
+        # The first assignment can arrive while the connect that made the consumer is still
+        # running (before `_consumer` is set): wait for it instead of giving up on positions.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.request_timeout):
+                while self._consumer is None and not self._stopping:
+                    await self._changed.wait()  # replaced and set on every change of consumer
         consumer = self._consumer
         if consumer is None:
             return
@@ -1498,6 +1504,7 @@ class KafkaSource:
             key=record.key,
             headers=headers,
             content_type=content_type,
+            partition=tp.partition,
             # The record's coordinates: unique, and what an operator greps the logs for.
             id=f"{tp.topic}-{tp.partition}@{record.offset}",
         )

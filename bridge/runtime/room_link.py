@@ -105,6 +105,9 @@ class RoomLink:
 
     async def ready(self) -> Room:
         """The connected room (waits while it is rejoining)."""
+        room = self.room
+        if room is not None and room.isconnected:  # the hot path: no wait at all
+            return room
         while True:
             await self.connected.wait()
             room = self.room

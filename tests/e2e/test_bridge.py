@@ -84,7 +84,8 @@ async def test_kafka_to_room_text_stream(
 connectors:
   - name: answers
     from: {{kafka: main, topics: [{topic}]}}
-    to: {{room: "{room_name}", text_stream: {{topic: "chat", attributes: {{origin: "{{topic}}"}}}}}}
+    to: {{room: "{room_name}", text_stream: {{topic: "chat",
+          attributes: {{origin: "{{topic}}", partition: "{{partition}}"}}}}}}
 """
     texts: asyncio.Queue[tuple[str, dict[str, str], str]] = asyncio.Queue()
     async with sdk_peer(livekit_server, room_name, "reader") as reader:
@@ -109,6 +110,7 @@ connectors:
             assert received == text
             assert sender == "bridge"
             assert attributes["origin"] == topic
+            assert attributes["partition"] == "0"  # the record's partition (one here)
             assert attributes["bus-topic"] == topic
             await eventually(lambda: bridge.counters["route.answers.delivered"] == 1, what="ack")
 
@@ -203,6 +205,7 @@ connectors:
         props = dict(getattr(message.properties, "UserProperty", []))
         assert props["lk-kind"] == "text-stream" and props["lk-participant"] == "bob"
         assert props["lk-stream-id"]
+        assert props["lk-participant-sid"] == bob.local_participant.sid
 
 
 async def test_room_byte_stream_to_kafka_chunks_reassembled(
