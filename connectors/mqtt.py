@@ -1342,9 +1342,12 @@ class MqttConnector:
             log.debug("%s: receive queue full (%d): reading paused", self.name, len(self._rx))
 
     def _maybe_resume_reading(self) -> None:
+        # Hysteresis: resume only once the queue is half empty. Resuming at the first free slot
+        # paused and resumed the socket (two epoll_ctl calls and a read) for every message
+        # taken while a backlog waits at the broker.
         if (
             self._paused
-            and len(self._rx) < self.settings.receive_queue_size
+            and len(self._rx) <= self.settings.receive_queue_size // 2
             and self._sock is not None
             and self._loop is not None
         ):
