@@ -114,6 +114,9 @@ class StreamInfo:
             the sender did not say.
         attributes: The header's attributes; on a received stream, the trailer's attributes are
             merged in when the stream ends.
+        sender_sid: On a received stream, the sender's participant sid as the packet carrying
+            the header gave it ('' when unknown): known even before the participant update
+            that announces the sender arrives.
     """
 
     stream_id: str
@@ -122,6 +125,7 @@ class StreamInfo:
     timestamp: int
     total_size: int | None
     attributes: dict[str, str] = field(default_factory=dict)
+    sender_sid: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +158,9 @@ class ByteStreamInfo(StreamInfo):
     name: str = "unknown"
 
 
-def _info_from_header(header: models.DataStream.Header) -> TextStreamInfo | ByteStreamInfo:
+def _info_from_header(
+    header: models.DataStream.Header, sender_sid: str = ""
+) -> TextStreamInfo | ByteStreamInfo:
     total = header.total_length if header.HasField("total_length") else None
     attributes = dict(header.attributes)
     if header.HasField("text_header"):
@@ -166,6 +172,7 @@ def _info_from_header(header: models.DataStream.Header) -> TextStreamInfo | Byte
             timestamp=header.timestamp,
             total_size=total,
             attributes=attributes,
+            sender_sid=sender_sid,
             reply_to_id=text.reply_to_stream_id or None,
             attached_stream_ids=tuple(text.attached_stream_ids),
             operation=int(text.operation_type),
@@ -179,6 +186,7 @@ def _info_from_header(header: models.DataStream.Header) -> TextStreamInfo | Byte
         timestamp=header.timestamp,
         total_size=total,
         attributes=attributes,
+        sender_sid=sender_sid,
         name=header.byte_header.name or "unknown",
     )
 
@@ -835,7 +843,7 @@ class StreamManager:
         which = packet.WhichOneof("value")
         sender = packet.participant_identity
         if which == "stream_header":
-            await self._on_header(packet.stream_header, sender)
+            await self._on_header(packet.stream_header, sender, packet.participant_sid)
         elif which == "stream_chunk":
             await self._on_chunk(packet.stream_chunk, sender)
         elif which == "stream_trailer":
@@ -844,7 +852,9 @@ class StreamManager:
             self.counters.inc("streams.not_a_stream_packet")
             logger.debug("streams: handling packet failed: %r is not a stream packet", which)
 
-    async def _on_header(self, header: models.DataStream.Header, sender: str) -> None:
+    async def _on_header(
+        self, header: models.DataStream.Header, sender: str, sender_sid: str = ""
+    ) -> None:
         sid = header.stream_id
         content = header.WhichOneof("content_header")
         if not sid or content is None:
@@ -897,7 +907,7 @@ class StreamManager:
             )  # fmt: skip
             return
 
-        info = _info_from_header(header)
+        info = _info_from_header(header, sender_sid)
         state: _Incoming[Any] = _Incoming(
             self,
             info,

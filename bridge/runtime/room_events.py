@@ -142,7 +142,8 @@ class RoomEvents:
         if room is None:
             return
         info = reader.info
-        values = self._values(room, identity, self._sender_sid(identity), "text-stream")
+        sid = info.sender_sid or self._sender_sid(identity)
+        values = self._values(room, identity, sid, "text-stream")
         values.update(topic=info.topic, stream_id=info.stream_id)
         probe = RoomMessage("text_stream", b"", values, {})
         routes = [w for w in self.routes if w.route.kind == "text_stream" and w.route.wants(probe)]
@@ -211,7 +212,8 @@ class RoomEvents:
         if room is None:
             return
         info = reader.info
-        values = self._values(room, identity, self._sender_sid(identity), "byte-stream")
+        sid = info.sender_sid or self._sender_sid(identity)
+        values = self._values(room, identity, sid, "byte-stream")
         values.update(
             topic=info.topic, stream_id=info.stream_id, name=info.name, mime_type=info.mime_type
         )
