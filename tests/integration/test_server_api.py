@@ -7,6 +7,7 @@ server; everything else talks to the pinned livekit-server of the `livekit_serve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -349,6 +350,20 @@ async def test_send_data_size_limit(
 # ------------------------------------------------------------------------------------- RPC
 
 
+async def _server_can_reach(
+    server_api: ServerApi, room_name: str, sdk: rtc.Room, identity: str
+) -> None:
+    """Return once a packet the server sends to `identity` arrives (its data channel is open)."""
+    got = record(sdk, "data_received")
+    async with asyncio.timeout(30):
+        while not any(c[0].topic == "probe" for c in got.calls):
+            with contextlib.suppress(RoomError):
+                await server_api.send_data(
+                    room_name, b"probe", topic="probe", destination_identities=[identity]
+                )
+            await asyncio.sleep(0.5)
+
+
 async def test_perform_rpc(
     livekit_server: LiveKitServer, server_api: ServerApi, room_name: str
 ) -> None:
@@ -374,6 +389,10 @@ async def test_perform_rpc(
         local.register_rpc_method("refuse", refuse)
         local.register_rpc_method("crash", crash)
         local.register_rpc_method("slow", slow)
+        # The SDK's connect returns before the server's data channel to it is open, and then
+        # PerformRpc fails with "data channel is not available" (seen under full-suite load):
+        # wait until a server packet reaches alice.
+        await _server_can_reach(server_api, room_name, sdks["alice"], "alice")
 
         assert await server_api.perform_rpc(room_name, "alice", "echo", "ping") == "pong:ping"
         assert await server_api.perform_rpc(room_name, "alice", "echo", "") == "pong:"
