@@ -72,7 +72,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from bridge.config import (
     FIELD_PREFIX,
@@ -99,27 +99,12 @@ from bridge.errors import RejectedMessage
 from bridge.room.errors import RpcError
 from bridge.room.rpc import RpcHandler, RpcInvocationData
 from bridge.room.types import Counters
-from bridge.router import MAX_JSON_BYTES, BusTarget, ToBusRoute, ToRoomRoute, decode_payload
-from bridge.runtime.dead_letter import Rejected
+from bridge.router import MAX_JSON_BYTES, ToBusRoute, ToRoomRoute, decode_payload
+from bridge.runtime.dead_letter import Rejected, Rejections
 from bridge.topics import Target, TemplateValueError, glob_match
 
 if TYPE_CHECKING:
     from bridge.room.room import Room
-
-
-class RejectionPolicy(Protocol):
-    """The route's ``on_reject`` decision (`bridge.runtime.dead_letter.Rejections`)."""
-
-    async def decide(
-        self,
-        route: str,
-        policy: str,
-        dead_letter: BusTarget | None,
-        why: RejectedMessage,
-        message: Rejected,
-    ) -> tuple[bool, RejectedMessage | None]:
-        """(settle, nack error): see `Rejections.decide`."""
-        ...
 
 
 log = logging.getLogger("roombus.rpc")
@@ -412,7 +397,7 @@ class RpcBridge:
         *,
         rooms: Mapping[str, JoinedRoom],
         sinks: Mapping[str, Sink[Outbound]],
-        rejections: RejectionPolicy,
+        rejections: Rejections,
         counters: Counters,
         settings: BridgeSettings,
         bridge_id: str,

@@ -25,7 +25,7 @@ import collections
 import logging
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from bridge.endpoint import Inbound, Source
 from bridge.envelope import H_SOURCE, Envelope
@@ -34,29 +34,12 @@ from bridge.room.types import Counters
 from bridge.router import RoomDelivery, ToRoomRoute
 from bridge.runtime.dead_letter import Rejected, Rejections
 
+if TYPE_CHECKING:
+    from bridge.rpcbridge import RpcBridge
+
 log = logging.getLogger("roombus.pump")
 
 LANE_IDLE = 10.0
-
-
-class RpcRequests(Protocol):
-    """What the pump needs of the request/reply bridge (`bridge.rpcbridge.RpcBridge`)."""
-
-    def take_reply(self, endpoint: str, envelope: Envelope) -> bool:
-        """Whether `envelope` is a reply to a room-to-bus call (then it was consumed)."""
-        ...
-
-    async def submit(
-        self,
-        route: ToRoomRoute,
-        envelope: Envelope,
-        values: dict[str, str],
-        inbound: Inbound[Envelope],
-        *,
-        ack: bool,
-    ) -> None:
-        """Answer a bus request; acknowledges `inbound` itself once replied."""
-        ...
 
 
 class Deliveries(Protocol):
@@ -88,7 +71,7 @@ class BusPump:
         endpoint: str,
         room_sink: Deliveries,
         rejections: Rejections,
-        rpc: RpcRequests | None,
+        rpc: RpcBridge | None,
         counters: Counters,
         bridge_id: str,
         max_in_flight: int,
