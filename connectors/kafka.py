@@ -62,7 +62,15 @@ import ssl
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Hashable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, Literal, Self, TypeVar
@@ -76,6 +84,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_ran
 from bridge.endpoint import Ack, Inbound
 from bridge.envelope import H_CONTENT_TYPE, Envelope, Outbound
 from bridge.errors import ConnectorError, RejectedMessage
+from bridge.retry import is_retriable
 
 log = logging.getLogger(__name__)
 
@@ -656,8 +665,32 @@ async def _probe_while_down(
         await asyncio.sleep(max(0.0, settings.reconnect_backoff - (loop.time() - began)))
 
 
-def _retriable(exc: BaseException) -> bool:
-    return isinstance(exc, ConnectorError) and exc.retriable
+_Client = TypeVar("_Client")
+
+
+async def _connect_with_backoff(
+    settings: KafkaSettings, counters: Counter[str], connect: Callable[[], Awaitable[_Client]]
+) -> _Client:
+    """`connect()` until it succeeds, waiting capped full-jitter backoff between attempts.
+
+    Retries only what `bridge.retry.is_retriable` says may succeed later; anything else is
+    raised at once (the endpoint records it as fatal).
+    """
+
+    def count(_: RetryCallState) -> None:
+        counters["kafka.connect_retry"] += 1
+
+    async for attempt in AsyncRetrying(
+        wait=wait_random_exponential(
+            multiplier=settings.reconnect_backoff, max=settings.reconnect_backoff_max
+        ),
+        retry=retry_if_exception(is_retriable),
+        before_sleep=count,
+        reraise=True,
+    ):
+        with attempt:
+            return await connect()
+    raise AssertionError("unreachable: AsyncRetrying either returns or raises")
 
 
 async def _stop_task(task: asyncio.Task[Any] | None) -> None:
@@ -801,21 +834,12 @@ class KafkaSink:
         changed.set()
 
     async def _connect_in_background(self) -> None:
-        def count(_: RetryCallState) -> None:
-            self.counters["kafka.connect_retry"] += 1
-
         try:
-            async for attempt in AsyncRetrying(
-                wait=wait_random_exponential(
-                    multiplier=self.settings.reconnect_backoff,
-                    max=self.settings.reconnect_backoff_max,
-                ),
-                retry=retry_if_exception(_retriable),
-                before_sleep=count,
-                reraise=True,
-            ):
-                with attempt:
-                    producer = await self._new_producer(self.settings.connect_timeout)
+            producer = await _connect_with_backoff(
+                self.settings,
+                self.counters,
+                lambda: self._new_producer(self.settings.connect_timeout),
+            )
         except KafkaConnectorError as exc:
             self._fatal = exc
             self._notify()
@@ -1196,21 +1220,8 @@ class KafkaSource:
         return consumer
 
     async def _connect_in_background(self) -> None:
-        def count(_: RetryCallState) -> None:
-            self.counters["kafka.connect_retry"] += 1
-
         try:
-            async for attempt in AsyncRetrying(
-                wait=wait_random_exponential(
-                    multiplier=self.settings.reconnect_backoff,
-                    max=self.settings.reconnect_backoff_max,
-                ),
-                retry=retry_if_exception(_retriable),
-                before_sleep=count,
-                reraise=True,
-            ):
-                with attempt:
-                    consumer = await self._connect_once()
+            consumer = await _connect_with_backoff(self.settings, self.counters, self._connect_once)
         except KafkaConnectorError as exc:
             self._fatal = exc
             self._notify()
