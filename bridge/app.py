@@ -27,6 +27,7 @@ from bridge.endpoint import Sink
 from bridge.envelope import Outbound
 from bridge.router import ToRoomRoute, compile_routes
 from bridge.runtime.bridge import Bridge, BusSource, Endpoints, Spooling
+from bridge.runtime.outbox import DurableQueue
 from bridge.topics import parse_filter
 from connectors.kafka import KafkaSettings, KafkaSink, KafkaSource
 from connectors.kafka_replies import KafkaReplySource
@@ -35,14 +36,13 @@ from connectors.mqtt import MqttConnector, MqttSettings
 log = logging.getLogger("roombus")
 
 
-def mqtt_settings(name: str, broker: MqttBrokerConfig, *, publisher: bool) -> MqttSettings:
-    """The connector settings of broker `name` (the publishing connection: clean, no session)."""
+def mqtt_settings(name: str, broker: MqttBrokerConfig) -> MqttSettings:
+    """The connector settings of broker `name` (its subscribing connection)."""
     tls = broker.tls
-    client_id = broker.client_id or f"roombus-{name}"
     return MqttSettings(
         host=broker.host,
         port=broker.port,
-        client_id=f"{client_id}-pub" if publisher else client_id,
+        client_id=broker.client_id or f"roombus-{name}",
         protocol=broker.protocol,
         username=broker.username,
         password=broker.password,
@@ -52,8 +52,8 @@ def mqtt_settings(name: str, broker: MqttBrokerConfig, *, publisher: bool) -> Mq
         key_file=tls.key_file if tls else None,
         tls_insecure=tls.insecure if tls else False,
         keepalive=broker.keepalive,
-        clean_start=True if publisher else broker.clean_start,
-        session_expiry=0 if publisher else broker.session_expiry,
+        clean_start=broker.clean_start,
+        session_expiry=broker.session_expiry,
         max_inflight=broker.max_inflight,
     )
 
@@ -114,20 +114,19 @@ def build_endpoints(config: Config) -> Endpoints:
 
     endpoints = Endpoints()
     for name in sorted(publish_mqtt):
-        sink: Sink[Outbound] = MqttConnector(
-            f"mqtt:{name}:pub", mqtt_settings(name, config.mqtt[name], publisher=True)
-        )
+        settings = mqtt_settings(name, config.mqtt[name]).for_publishing(f"mqtt:{name}")
+        sink: Sink[Outbound] = MqttConnector(f"mqtt:{name}:pub", settings)
         endpoints.sinks[f"mqtt:{name}"] = sink
     for name in sorted(publish_kafka):
         endpoints.sinks[f"kafka:{name}"] = KafkaSink(f"kafka:{name}", kafka_settings(config, name))
     for name, filters in sorted(subscriptions.items()):
-        subscriber = MqttConnector(
-            f"mqtt:{name}", mqtt_settings(name, config.mqtt[name], publisher=False)
-        )
+        subscriber = MqttConnector(f"mqtt:{name}", mqtt_settings(name, config.mqtt[name]))
         for topic_filter, qos in filters.items():
             subscriber.add_subscription(topic_filter, qos)
         mine = tuple(r for r in to_room if isinstance(r.source, MqttFrom) and r.source.mqtt == name)
-        endpoints.sources.append(BusSource(f"mqtt:{name}", f"mqtt:{name}", subscriber, mine))
+        endpoints.sources.append(
+            BusSource(f"mqtt:{name}", f"mqtt:{name}", subscriber, mine, filters)
+        )
     for route in to_room:
         source = route.source
         if not isinstance(source, KafkaFrom):
@@ -175,6 +174,13 @@ def build_spooling(config: Config) -> Spooling | None:
         for c in config.connectors
         if isinstance(c.from_, RoomFrom) and c.from_.rpc is None
     }
+
+    def route(name: str, overflow: str) -> DurableQueue:
+        # A route a reload adds opens then; a changed one keeps its spool (and what it holds).
+        if name not in routes:
+            routes[name] = opened.route(name, overflow)
+        return routes[name]
+
     for name, count in opened.stale_routes().items():
         log.warning(
             "spool: %d messages of route %r, which the configuration no longer has, are kept in %s",
@@ -183,7 +189,7 @@ def build_spooling(config: Config) -> Spooling | None:
             directory,
         )
     return Spooling(
-        route=lambda name, _overflow: routes[name],
+        route=route,
         codec=SpoolCodec(),
         expire=opened.expire,
         close=opened.close,
@@ -192,4 +198,9 @@ def build_spooling(config: Config) -> Spooling | None:
 
 def build_bridge(config: Config) -> Bridge:
     """The bridge for `config`, with its endpoints (nothing connects before `Bridge.run`)."""
-    return Bridge(config, build_endpoints(config), spooling=build_spooling(config))
+    return Bridge(
+        config,
+        build_endpoints(config),
+        spooling=build_spooling(config),
+        plan_endpoints=build_endpoints,
+    )

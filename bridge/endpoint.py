@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Generic, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, Self, TypeVar, runtime_checkable
 
 from bridge.errors import RejectedMessage
 
@@ -115,6 +115,19 @@ class Sink(Endpoint, Protocol[M_contra]):
             ConnectorError: with ``retriable`` True when trying again later may succeed
                 (disconnected, timeout), False when it never will (too large, refused).
         """
+        ...
+
+
+@runtime_checkable
+class Subscriber(Protocol):
+    """A source whose topic filters can change while it runs (MQTT), for hot reload."""
+
+    def add_subscription(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe to `topic_filter` now if connected, and again on every reconnect."""
+        ...
+
+    def remove_subscription(self, topic_filter: str) -> None:
+        """Unsubscribe from `topic_filter` now if connected, and not again on reconnects."""
         ...
 
 

@@ -292,7 +292,9 @@ class MqttSettings:
         PUBACKs never wait behind the inbound backlog of the subscribing connection.
         """
         client_id = self.client_id or default_client_id(name)
-        return dataclasses.replace(self, client_id=f"{client_id}-pub", clean_start=True)
+        return dataclasses.replace(
+            self, client_id=f"{client_id}-pub", clean_start=True, session_expiry=0
+        )
 
     @property
     def url(self) -> str:
@@ -775,6 +777,20 @@ class MqttConnector:
             future = self._send_subscribe({topic_filter: qos})
             if future is not None:
                 future.add_done_callback(self._log_suback)
+
+    def remove_subscription(self, topic_filter: str) -> None:
+        """Unsubscribe from `topic_filter` now if connected, and not again on reconnects.
+
+        Messages the broker sent before it handled the UNSUBSCRIBE still arrive.
+        """
+        if self._subscriptions.pop(topic_filter, None) is None:
+            return
+        client = self._client
+        if self._connected and client is not None:
+            rc, _mid = client.unsubscribe(topic_filter)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                # Not connected after all: the next session subscribes without it.
+                log.warning("%s: UNSUBSCRIBE not sent: %s", self.name, paho.error_string(rc))
 
     async def start(self) -> None:
         """Make the first connection attempt, then keep the connection up until `stop()`.

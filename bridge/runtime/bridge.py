@@ -15,6 +15,10 @@ Supervision: a task that crashes is logged with its traceback, counted
 (``tasks.crashed.<task>``), reported by `readiness` and restarted with capped, jittered
 backoff — never silent.
 
+Reload (`Bridge.reload`, planned by `bridge.runtime.reload`): connector by connector, under a
+lock that shutdown also takes; untouched routes, their rooms and their queues are not
+disturbed.
+
 Shutdown (the first signal; a second one forces, see `bridge.cli`), within
 ``bridge.shutdown_timeout``: stop reading the buses and let the deliveries in progress finish,
 let bus requests get their replies, leave the rooms (with `leave`), publish what the room-to-bus
@@ -26,16 +30,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from bridge.config import Config
-from bridge.endpoint import Endpoint, Sink, Source
+from bridge.endpoint import Endpoint, Sink, Source, Subscriber
 from bridge.envelope import Envelope, Outbound
 from bridge.errors import ConnectorError
 from bridge.retry import CONNECT_MAX, delay
@@ -48,6 +53,7 @@ from bridge.runtime.dead_letter import Rejections
 from bridge.runtime.outbox import DurableQueue, OutboundCodec, Outbox
 from bridge.runtime.publisher import Publisher
 from bridge.runtime.pump import BusPump
+from bridge.runtime.reload import ReloadPlan, ReloadRefused, plan_reload
 from bridge.runtime.room_events import RoomEvents
 from bridge.runtime.room_link import RoomLink
 from bridge.runtime.room_sink import RoomSink
@@ -74,6 +80,9 @@ class BusSource:
     endpoint: str
     source: Source[Envelope]
     routes: tuple[ToRoomRoute, ...] = ()
+    # MQTT topic filters (with QoS) the source subscribes to for `routes`; a reload that
+    # keeps the connection subscribes and unsubscribes the difference.
+    subscriptions: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -111,9 +120,13 @@ class Bridge:
         *,
         bridge_id: str | None = None,
         spooling: Spooling | None = None,
+        plan_endpoints: Callable[[Config], Endpoints] | None = None,
     ) -> None:
         self.config = config
         self.endpoints = endpoints
+        # The composition root's endpoint planner: what a reloaded configuration needs
+        # (nothing connects before the bridge enters what it does not have yet).
+        self.plan_endpoints = plan_endpoints
         self.bridge_id = bridge_id or f"{config.livekit.identity}-{uuid.uuid4().hex[:8]}"
         self.counters = Counters()
         self.spooling = spooling
@@ -126,21 +139,7 @@ class Bridge:
         routes = compile_routes(config)
         settings = config.bridge
         self.outboxes = [
-            Outbox(
-                r,
-                endpoints.sinks[r.target.endpoint],
-                self.publisher,
-                self.rejections,
-                self.counters,
-                bridge_id=self.bridge_id,
-                queue_size=settings.queue_size,
-                overflow=settings.overflow,
-                window=settings.publish_window,
-                spool=spooling.route(r.name, settings.overflow) if spooling else None,
-                codec=spooling.codec if spooling else None,
-            )
-            for r in routes
-            if isinstance(r, ToBusRoute) and r.kind != "rpc"
+            self._outbox(r) for r in routes if isinstance(r, ToBusRoute) and r.kind != "rpc"
         ]
         to_room = [r for r in routes if isinstance(r, ToRoomRoute)]
         self.links: dict[str, RoomLink] = {}
@@ -156,28 +155,48 @@ class Bridge:
             mqtt5={name: broker.protocol == "5" for name, broker in config.mqtt.items()},
         )
         self.room_sink = RoomSink(self.links, self.server_api)
-        self.pumps = [
-            BusPump(
-                s.name,
-                s.source,
-                s.routes,
-                endpoint=s.endpoint,
-                room_sink=self.room_sink,
-                rejections=self.rejections,
-                rpc=self.rpc,
-                counters=self.counters,
-                bridge_id=self.bridge_id,
-                max_in_flight=settings.max_in_flight,
-            )
-            for s in endpoints.sources
-        ]
+        self.pumps = [self._pump(s) for s in endpoints.sources]
         self.ready = asyncio.Event()
         self.tasks: dict[str, str] = {}  # task name -> "running", "restarting: <error>", ...
         self._tg: asyncio.TaskGroup | None = None
+        self._events: dict[str, RoomEvents] = {}  # by room
         self._room_tasks: dict[str, asyncio.Task[None]] = {}
-        self._pump_tasks: list[asyncio.Task[None]] = []
+        self._pump_tasks: dict[str, asyncio.Task[None]] = {}  # by pump name
+        self._outbox_tasks: dict[str, asyncio.Task[None]] = {}  # by route name
+        self._enter_tasks: dict[str, asyncio.Task[None]] = {}  # by endpoint name
         self._other_tasks: list[asyncio.Task[None]] = []
-        self._entered: list[Endpoint] = []
+        self._open: list[Endpoint] = []  # entered, in order; exited in reverse
+        self._reload_lock = asyncio.Lock()
+
+    def _outbox(self, route: ToBusRoute) -> Outbox:
+        settings, spooling = self.config.bridge, self.spooling
+        return Outbox(
+            route,
+            self.endpoints.sinks[route.target.endpoint],
+            self.publisher,
+            self.rejections,
+            self.counters,
+            bridge_id=self.bridge_id,
+            queue_size=settings.queue_size,
+            overflow=settings.overflow,
+            window=settings.publish_window,
+            spool=spooling.route(route.name, settings.overflow) if spooling else None,
+            codec=spooling.codec if spooling else None,
+        )
+
+    def _pump(self, source: BusSource) -> BusPump:
+        return BusPump(
+            source.name,
+            source.source,
+            source.routes,
+            endpoint=source.endpoint,
+            room_sink=self.room_sink,
+            rejections=self.rejections,
+            rpc=self.rpc,
+            counters=self.counters,
+            bridge_id=self.bridge_id,
+            max_in_flight=self.config.bridge.max_in_flight,
+        )
 
     # --------------------------------------------------------------- lifecycle
 
@@ -189,20 +208,16 @@ class Bridge:
         """
         try:
             async with contextlib.AsyncExitStack() as stack:
-                stack.push_async_callback(self._close_late_entered)
-                late: list[Endpoint] = []
-                for endpoint in self.endpoints.ordered():
-                    if not await self._enter(stack, endpoint):
-                        late.append(endpoint)
+                stack.push_async_callback(self._close_endpoints)
+                late = [e for e in self.endpoints.ordered() if not await self._enter(e)]
                 async with asyncio.TaskGroup() as tg:
                     self._tg = tg
                     for endpoint in late:
-                        retry = functools.partial(self._enter_later, endpoint)
-                        self._spawn(f"enter:{endpoint.name}", retry)
+                        self._enter_in_background(endpoint)
                     for outbox in self.outboxes:
-                        self._spawn(f"outbox:{outbox.name}", outbox.run)
+                        self._start_outbox(outbox)
                     for pump in self.pumps:
-                        self._pump_tasks.append(self._spawn(f"pump:{pump.name}", pump.run))
+                        self._start_pump(pump)
                     for name in self.config.livekit.rooms:
                         self._join(name)
                     if self.config.livekit.room_patterns:
@@ -218,8 +233,14 @@ class Bridge:
                         len(self.pumps),
                     )
                     await stop.wait()
-                    await self._drain()
-                    for task in (*self._other_tasks, *self._room_tasks.values()):
+                    async with self._reload_lock:  # a reload in progress finishes first
+                        await self._drain()
+                    for task in (
+                        *self._other_tasks,
+                        *self._room_tasks.values(),
+                        *self._outbox_tasks.values(),
+                        *self._enter_tasks.values(),
+                    ):
                         task.cancel()
         finally:
             self._tg = None
@@ -230,10 +251,10 @@ class Bridge:
                 self.spooling.close()
             log.info("bridge %s: stopped", self.bridge_id)
 
-    async def _enter(self, stack: contextlib.AsyncExitStack, endpoint: Endpoint) -> bool:
+    async def _enter(self, endpoint: Endpoint) -> bool:
         """Enter `endpoint`; False when it is unreachable for now (retried in the background)."""
         try:
-            await stack.enter_async_context(endpoint)
+            await endpoint.__aenter__()
         except ConnectorError as exc:
             if not exc.retriable:
                 raise
@@ -241,7 +262,12 @@ class Bridge:
                 "%s: unreachable at start (%s); retrying in the background", endpoint.name, exc
             )
             return False
+        self._open.append(endpoint)
         return True
+
+    def _enter_in_background(self, endpoint: Endpoint) -> None:
+        retry = functools.partial(self._enter_later, endpoint)
+        self._enter_tasks[endpoint.name] = self._spawn(f"enter:{endpoint.name}", retry)
 
     async def _enter_later(self, endpoint: Endpoint) -> None:
         attempt = 0
@@ -254,14 +280,34 @@ class Bridge:
                 if not exc.retriable:
                     raise
                 continue
-            self._entered.append(endpoint)
+            self._open.append(endpoint)
+            self._enter_tasks.pop(endpoint.name, None)
             log.info("%s: connected", endpoint.name)
             return
 
-    async def _close_late_entered(self) -> None:
-        for endpoint in reversed(self._entered):
-            with contextlib.suppress(Exception):
-                await endpoint.__aexit__(None, None, None)
+    async def _exit(self, endpoint: Endpoint) -> None:
+        """Exit `endpoint` (or stop trying to enter it); errors are logged, not raised."""
+        task = self._enter_tasks.pop(endpoint.name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if endpoint not in self._open:
+            return
+        self._open.remove(endpoint)
+        try:
+            await endpoint.__aexit__(None, None, None)
+        except Exception as exc:
+            log.warning("%s: error while closing: %s", endpoint.name, exc, exc_info=exc)
+
+    async def _close_endpoints(self) -> None:
+        for endpoint in reversed(list(self._open)):
+            await self._exit(endpoint)
+
+    def _start_outbox(self, outbox: Outbox) -> None:
+        self._outbox_tasks[outbox.name] = self._spawn(f"outbox:{outbox.name}", outbox.run)
+
+    def _start_pump(self, pump: BusPump) -> None:
+        self._pump_tasks[pump.name] = self._spawn(f"pump:{pump.name}", pump.run)
 
     async def _drain(self) -> None:
         timeout = self.config.bridge.shutdown_timeout
@@ -269,12 +315,13 @@ class Bridge:
         # 1. Stop reading the buses; deliveries in progress finish (or stay unacknowledged).
         for pump in self.pumps:
             pump.stop_reading()
+        pumps = list(self._pump_tasks.values())
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                await asyncio.gather(*self._pump_tasks, return_exceptions=True)
-        for task in self._pump_tasks:
+                await asyncio.gather(*pumps, return_exceptions=True)
+        for task in pumps:
             task.cancel()
-        await asyncio.gather(*self._pump_tasks, return_exceptions=True)
+        await asyncio.gather(*pumps, return_exceptions=True)
         # Bus requests in progress get their replies (unanswered ones stay unacknowledged).
         await self.rpc.drain(max(0.0, deadline - time.monotonic()))
         # 2. Leave the rooms: no more room events.
@@ -305,12 +352,153 @@ class Bridge:
                 self.counters.inc("spool.expired", expired)
                 log.warning("spool: %d messages older than spool.max_age expired", expired)
 
+    # --------------------------------------------------------------- reload
+
+    async def reload(self, new: Config) -> ReloadPlan:
+        """Run on `new` from now on, connector by connector (`bridge.runtime.reload`).
+
+        Unchanged connectors keep running untouched: their rooms are not rejoined and their
+        queues keep their messages. Removed ones drain and stop, added ones start, changed
+        ones drain and start again.
+
+        Raises:
+            ReloadRefused: `new` needs a restart (every reason listed), or the bridge is not
+                running; the old configuration keeps running.
+        """
+        async with self._reload_lock:
+            if self._tg is None or self.plan_endpoints is None:
+                raise ReloadRefused(["the bridge is not running (or cannot reload)"])
+            plan = plan_reload(self.config, new)
+            if plan.needs_restart:
+                raise ReloadRefused(list(plan.needs_restart))
+            if not plan.empty:
+                await self._apply(plan, new, self.plan_endpoints(new))
+            return plan
+
+    async def _apply(self, plan: ReloadPlan, new: Config, planned: Endpoints) -> None:
+        gone = {*plan.removed, *plan.changed}
+        # 1. What goes: room-to-bus routes are no longer offered anything and drain what they
+        #    hold; bus sources that feed only routes that go (or change) stop reading, finish
+        #    their deliveries and close (their position is committed).
+        leaving = [o for o in self.outboxes if o.name in gone]
+        self.outboxes = [o for o in self.outboxes if o.name not in gone]
+        for events in self._events.values():
+            events.set_routes(self.outboxes)
+        await self._stop_outboxes(leaving)
+        wanted = {s.name: s for s in planned.sources}
+        for current in list(self.endpoints.sources):
+            later = wanted.get(current.name)
+            if later is not None and isinstance(current.source, Subscriber):
+                wanted[current.name] = self._resubscribe(current, later)
+            elif later is None or {r.name for r in current.routes} & gone:
+                await self._stop_source(current)
+            else:
+                wanted[current.name] = current  # the same source, untouched
+        # 2. Sinks first: nothing starts before what it publishes to is there.
+        for name, sink in planned.sinks.items():
+            if name not in self.endpoints.sinks:
+                self.endpoints.sinks[name] = sink
+                if not await self._enter(sink):
+                    self._enter_in_background(sink)
+        self.config = new
+        # 3. What comes.
+        for route in compile_routes(new):
+            if route.name in {*plan.added, *plan.changed} and isinstance(route, ToBusRoute):
+                outbox = self._outbox(route)
+                self.outboxes.append(outbox)
+                self._start_outbox(outbox)
+        for events in self._events.values():
+            events.set_routes(self.outboxes)
+        running = {s.name for s in self.endpoints.sources}
+        for name, source in wanted.items():
+            if name in running:
+                continue
+            self.endpoints.sources.append(source)
+            if not await self._enter(source.source):
+                self._enter_in_background(source.source)
+            pump = self._pump(source)
+            self.pumps.append(pump)
+            self._start_pump(pump)
+        # 4. Sinks no route uses any more (their routes have drained).
+        for name in [n for n in self.endpoints.sinks if n not in planned.sinks]:
+            await self._exit(self.endpoints.sinks.pop(name))
+        # 5. Rooms.
+        for room in plan.rooms_joined:
+            self._join(room)
+        for room in plan.rooms_left:
+            await self._leave(room)
+
+    async def _stop_outboxes(self, outboxes: list[Outbox]) -> None:
+        """Publish what `outboxes` hold (within the shutdown timeout), then stop them."""
+        if not outboxes:
+            return
+        timeout = self.config.bridge.shutdown_timeout
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(o.drain() for o in outboxes))
+        for outbox in outboxes:
+            task = self._outbox_tasks.pop(outbox.name, None)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            left = outbox.depth + outbox.in_flight
+            if left and self.spooling is None:
+                self.counters.inc(f"route.{outbox.name}.dropped.reload", left)
+                log.error(
+                    "reload: route %s: %d messages not delivered within %.0f s",
+                    outbox.name,
+                    left,
+                    timeout,
+                )
+
+    async def _stop_source(self, current: BusSource) -> None:
+        """Stop reading `current`, let its deliveries finish, close it."""
+        pump = next(p for p in self.pumps if p.name == current.name)
+        pump.stop_reading()
+        task = self._pump_tasks.pop(pump.name, None)
+        if task is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.bridge.shutdown_timeout):
+                    await asyncio.gather(task, return_exceptions=True)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self.pumps.remove(pump)
+        self.endpoints.sources.remove(current)
+        if all(s.source is not current.source for s in self.endpoints.sources):
+            await self._exit(current.source)
+
+    def _resubscribe(self, current: BusSource, later: BusSource) -> BusSource:
+        """Keep `current`'s connection; take `later`'s routes and topic filters."""
+        source = current.source
+        assert isinstance(source, Subscriber)
+        for topic_filter, qos in later.subscriptions.items():
+            if current.subscriptions.get(topic_filter) != qos:
+                source.add_subscription(topic_filter, qos)
+        pump = next(p for p in self.pumps if p.name == current.name)
+        pump.routes = list(later.routes)
+        for topic_filter in current.subscriptions:
+            if topic_filter not in later.subscriptions:
+                source.remove_subscription(topic_filter)
+        kept = dataclasses.replace(current, routes=later.routes, subscriptions=later.subscriptions)
+        self.endpoints.sources[self.endpoints.sources.index(current)] = kept
+        return kept
+
+    async def _leave(self, room: str) -> None:
+        link = self.links.pop(room, None)
+        self._events.pop(room, None)
+        task = self._room_tasks.pop(room, None)
+        if link is not None:
+            await link.stop()
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     # --------------------------------------------------------------- supervision
 
     def _spawn(self, name: str, run: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
         assert self._tg is not None
         task = self._tg.create_task(self._supervise(name, run), name=f"roombus[{name}]")
-        if not name.startswith(("pump:", "room:")):
+        if not name.startswith(("pump:", "room:", "outbox:", "enter:")):
             self._other_tasks.append(task)
         return task
 
@@ -378,6 +566,7 @@ class Bridge:
         events = RoomEvents(link, self.outboxes, self.counters)
         link.add_listeners(attach=(events.attach, self.rpc.attach), joined=(events.joined,))
         self.links[name] = link
+        self._events[name] = events
         self._room_tasks[name] = self._spawn(f"room:{name}", link.run)
 
     async def _discover_rooms(self) -> None:

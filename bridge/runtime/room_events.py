@@ -59,6 +59,8 @@ class RoomEvents:
         self.counters = counters
         # (participant identity) -> attribute keys published, to clear them on leave.
         self.published_attributes: dict[str, set[str]] = {}
+        # The room whose events we listen to, and for which route kinds (`attach`).
+        self._listening: tuple[Room | None, set[str]] = (None, set())
 
     @property
     def room(self) -> Room | None:
@@ -67,7 +69,25 @@ class RoomEvents:
 
     def attach(self, link: RoomLink, room: Room) -> None:
         """Subscribe to the events of `room` that some route wants."""
-        kinds = {o.route.kind for o in self.routes}
+        self._listen(room)
+
+    def set_routes(self, outboxes: Sequence[Outbox]) -> None:
+        """Offer to `outboxes` from now on (a reload); listens for new kinds without a rejoin."""
+        self.routes = [o for o in outboxes if o.route.wants_room(self.name)]
+        room = self.room
+        if room is not None:
+            self._listen(room)
+
+    def _listen(self, room: Room) -> None:
+        listening, done = self._listening
+        if listening is not room:
+            done = set()  # a new connection: nothing subscribed on it yet
+        wanted = {o.route.kind for o in self.routes}
+        kinds = wanted - done
+        # presence and attributes share their events
+        if "presence" in done or "attributes" in done:
+            kinds -= {"presence", "attributes"}
+        self._listening = (room, done | wanted)
         if "packet" in kinds:
             room.on(DataReceived, self._on_data)
         if "text_stream" in kinds:

@@ -225,9 +225,10 @@ def test_settings_validation_and_url() -> None:
 def test_settings_for_the_publish_only_connection() -> None:
     s = MqttSettings(host="broker", client_id="plant-bridge", username="u", password="p")
     pub = s.for_publishing("mqtt:plant")
-    assert (pub.client_id, pub.clean_start, pub.host, pub.username) == (
+    assert (pub.client_id, pub.clean_start, pub.session_expiry, pub.host, pub.username) == (
         "plant-bridge-pub",
         True,
+        0,
         "broker",
         "u",
     )
