@@ -1,4 +1,4 @@
-"""The YAML configuration: pydantic models, ``${VAR}`` interpolation, located errors.
+"""The YAML configuration: pydantic models, ``${...}`` interpolation, located errors.
 
 `load_config(path)` reads and validates the whole file before any socket opens: YAML syntax,
 types and ranges (pydantic, unknown keys refused), environment variables, references between
@@ -7,15 +7,21 @@ connector against the placeholders its source provides. Every problem becomes on
 `ConfigError`:
 
     config.yaml:23: connectors[1].to.topic: unknown placeholder {rom} (known: room, topic)
+
+String values may use ``${VAR}``, ``${VAR:-default}``, ``${VAR:?message}`` (environment) and
+``${file:PATH}`` (a file's content, e.g. a Docker or Kubernetes secret); ``$${`` is a literal
+``${``. `Config.secrets()` holds every value that must never be logged or echoed: those of the
+secret fields (marked `SECRET`) and everything read through ``${file:...}``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -23,6 +29,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
     Tag,
     ValidationError,
     field_validator,
@@ -33,15 +40,63 @@ from bridge.topics import Target, TemplateError, parse_filter, parse_template
 
 Path_ = tuple[str | int, ...]
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# ``$${`` (an escaped ``${``), a ``${...}`` form, or an unterminated ``${``.
+_ENV = re.compile(r"\$\$\{|\$\{([^}]*)\}|\$\{")
+_VAR = r"[A-Za-z_][A-Za-z0-9_]*"
+_ENV_FORMS = re.compile(rf"(?P<name>{_VAR})(?:(?P<op>:-|:\?)(?P<arg>.*))?|file:(?P<file>.+)", re.S)
+_ENV_HELP = "use ${VAR}, ${VAR:-default}, ${VAR:?message} or ${file:PATH}"
+
+
+class _Secret:
+    """Marks a field whose value is a secret: never logged, never echoed in errors."""
+
+    def __repr__(self) -> str:
+        return "SECRET"
+
+
+SECRET = _Secret()
 
 
 class ConfigError(Exception):
-    """The configuration file is invalid; `problems` holds one line per problem."""
+    """The configuration file is invalid; `problems` holds one line per problem.
+
+    At most `MAX_PROBLEMS` are kept (a file of 200,000 duplicate keys is one mistake, not a
+    report to print): a last line says how many more there were.
+    """
 
     def __init__(self, problems: list[str]) -> None:
+        if len(problems) > MAX_PROBLEMS:
+            more = len(problems) - MAX_PROBLEMS
+            problems = [*problems[:MAX_PROBLEMS], f"... and {more} more problems"]
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+MAX_PROBLEMS = 50
+# Limits of the YAML loader: a configuration is small, and a malformed one must fail in
+# milliseconds with a located message, not hang (an alias bomb) or crash (deep nesting).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_NESTING = 64
+MAX_NODES = 100_000  # after alias expansion
+# libyaml when the PyYAML build has it (it does on the usual wheels): ~10x faster.
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+# livekit-server's default limits (limit.max_room_name_length, max_participant_identity_length):
+# a longer name passes nothing but is refused on every join.
+MAX_NAME_BYTES = 256
+
+
+def _check_name(what: str, name: str) -> str:
+    if not name:
+        raise ValueError(f"{what} is empty")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ValueError(
+            f"{what} of {len(name.encode())} bytes: livekit-server allows {MAX_NAME_BYTES}"
+        )
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name):
+        raise ValueError(f"{what} {name!r} contains control characters")
+    return name
 
 
 class _Model(BaseModel):
@@ -56,8 +111,12 @@ class LiveKitConfig(_Model):
 
     url: str = Field(description="LiveKit server URL: ws://, wss://, http:// or https://")
     api_key: str | None = Field(None, description="API key (with api_secret: tokens are minted)")
-    api_secret: str | None = Field(None, description="API secret, at least 32 characters")
-    token: str | None = Field(None, description="A ready-made join token (one room only)")
+    api_secret: Annotated[str | None, SECRET] = Field(
+        None, repr=False, description="API secret, at least 32 characters"
+    )
+    token: Annotated[str | None, SECRET] = Field(
+        None, repr=False, description="A ready-made join token (one room only)"
+    )
     identity: str = Field("roombus", description="The bridge participant's identity")
     name: str | None = Field(None, description="The bridge participant's display name")
     metadata: str | None = Field(None, description="The bridge participant's metadata")
@@ -70,7 +129,10 @@ class LiveKitConfig(_Model):
         30.0, gt=0, description="Seconds between checks for rooms matching room_patterns"
     )
     token_ttl: float = Field(
-        6 * 3600, gt=60, description="Lifetime in seconds of the tokens the bridge mints"
+        900,
+        gt=60,
+        description="Lifetime in seconds of the join tokens the bridge mints (a fresh one for"
+        " every join and rejoin: a short lifetime costs nothing)",
     )
 
     @field_validator("url")
@@ -101,6 +163,18 @@ class LiveKitConfig(_Model):
         if not self.rooms and not self.room_patterns:
             raise ValueError("name at least one room in rooms or room_patterns")
         return self
+
+    @field_validator("rooms")
+    @classmethod
+    def _room_names(cls, rooms: list[str]) -> list[str]:
+        for room in rooms:
+            _check_name("room name", room)
+        return rooms
+
+    @field_validator("identity")
+    @classmethod
+    def _identity(cls, identity: str) -> str:
+        return _check_name("identity", identity)
 
 
 # ----------------------------------------------------------------------------- buses
@@ -135,7 +209,7 @@ class MqttBrokerConfig(_Model):
         None, description="Client id (stable, for the persistent session); default roombus-NAME"
     )
     username: str | None = Field(None, description="User name")
-    password: str | None = Field(None, description="Password")
+    password: Annotated[str | None, SECRET] = Field(None, repr=False, description="Password")
     tls: TlsConfig | None = Field(None, description="TLS settings; absent means plain TCP")
     keepalive: int = Field(30, ge=5, le=65535, description="Keep-alive in seconds")
     clean_start: bool = Field(
@@ -151,6 +225,12 @@ class MqttBrokerConfig(_Model):
     def _protocol(cls, value: Any) -> Any:
         return {5: "5", 3.1: "3.1.1", "3.1.1": "3.1.1", "5": "5"}.get(value, value)
 
+    @model_validator(mode="after")
+    def _password_needs_user(self) -> MqttBrokerConfig:
+        if self.password is not None and not self.username:
+            raise ValueError("password: give a username too (MQTT sends no password without one)")
+        return self
+
 
 class SaslConfig(_Model):
     """SASL authentication for Kafka."""
@@ -159,7 +239,7 @@ class SaslConfig(_Model):
         description="SASL mechanism"
     )
     username: str = Field(description="SASL user name")
-    password: str = Field(description="SASL password")
+    password: Annotated[str, SECRET] = Field(repr=False, description="SASL password")
 
 
 class KafkaClusterConfig(_Model):
@@ -651,9 +731,34 @@ class BridgeSettings(_Model):
     publish_window: int = Field(
         64, ge=1, le=10_000, description="Room-to-bus publishes awaiting the broker, per connector"
     )
-    health_port: int | None = Field(
-        None, ge=1, le=65535, description="Serve /ping and /ready on this port (127.0.0.1)"
+    http_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Serve metrics, health, status and the status page on this port"
+        " (``health_port``: its old name, deprecated)",
     )
+    http_host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Address the HTTP port binds to (0.0.0.0 or :: for probes from outside)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _health_port_alias(cls, data: Any) -> Any:
+        # health_port was the key's name until http_port: keep old files working, say so.
+        if isinstance(data, dict) and "health_port" in data:
+            data = dict(data)
+            old = data.pop("health_port")
+            if "http_port" in data:
+                raise ValueError("give bridge.http_port only (health_port is its old name)")
+            data["http_port"] = old
+            logging.getLogger("roombus.config").warning(
+                "config: bridge.health_port is deprecated; call it bridge.http_port"
+            )
+        return data
+
     state_dir: str | None = Field(
         None,
         description="Directory for durable state (the RPC reply cache, rpc-replies.sqlite3); "
@@ -676,6 +781,65 @@ class Config(_Model):
     connectors: list[ConnectorConfig] = Field(min_length=1, description="The routes")
     bridge: BridgeSettings = Field(BridgeSettings(), description="Runtime settings")
 
+    # What ``${file:...}`` read (set by `parse_config`): secrets whatever field they landed in.
+    _file_secrets: frozenset[str] = PrivateAttr(frozenset())
+
+    def secrets(self) -> frozenset[str]:
+        """Every secret of the configuration: values of `SECRET` fields and of ``${file:...}``."""
+        dumped = self.model_dump(by_alias=True)
+        return frozenset(_secret_values(Config, dumped)) | self._file_secrets
+
+
+def _models(annotation: Any) -> Iterator[type[BaseModel]]:
+    """The model classes inside a field's type (through Optional, list, dict, unions)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+        return
+    if get_origin(annotation) is not None:
+        for arg in get_args(annotation):
+            yield from _models(arg)
+
+
+def _secret_values(model: type[BaseModel], data: Any) -> Iterator[str]:
+    """The values of `SECRET` fields in `data`: raw (unvalidated) or dumped data of `model`."""
+    if not isinstance(data, dict):
+        return
+    for name, info in model.model_fields.items():
+        value = data.get(info.alias or name, data.get(name))
+        if value is None:
+            continue
+        if SECRET in info.metadata:
+            if isinstance(value, str) and value:
+                yield value
+            continue
+        items = (
+            value.values()
+            if isinstance(value, dict) and get_origin(info.annotation) is dict
+            else value
+            if isinstance(value, list)
+            else [value]
+        )
+        for sub in _models(info.annotation):
+            for item in items:
+                yield from _secret_values(sub, item)
+
+
+def secret_field_names() -> frozenset[str]:
+    """The names of the `SECRET` fields of every model (to keep their values out of errors)."""
+    names: set[str] = set()
+    todo: list[type[BaseModel]] = [Config]
+    seen: set[type[BaseModel]] = set()
+    while todo:
+        model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, info in model.model_fields.items():
+            if SECRET in info.metadata:
+                names.add(name)
+            todo.extend(_models(info.annotation))
+    return frozenset(names)
+
 
 # ----------------------------------------------------------------------------- loading
 
@@ -687,17 +851,81 @@ class _Located:
         self.source = source
         self.lines: dict[Path_, int] = {}
         self.problems: list[str] = []
-        loader = yaml.SafeLoader(text)
+        self.secrets: set[str] = set()  # what ${file:...} read
+        if len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
+            raise ConfigError([f"{source}: larger than {MAX_CONFIG_BYTES} bytes: not a config"])
+        loader = None
         try:
+            self._check_shape(text)
+            loader = _Loader(text)
             node = loader.get_single_node()
+        except yaml.reader.ReaderError as exc:
+            # A character YAML does not allow (NUL, other control characters).
+            line = text.count("\n", 0, exc.position) + 1
+            raise ConfigError(
+                [f"{source}:{line}: invalid YAML: character {exc.character:#06x} is not allowed"]
+            ) from exc
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{source}:{mark.line + 1}" if mark else source
             problem = getattr(exc, "problem", None) or str(exc)
             raise ConfigError([f"{where}: invalid YAML: {problem}"]) from exc
         finally:
-            loader.dispose()
+            if loader is not None:
+                loader.dispose()
         self.data = self._convert(node, (), loader) if node is not None else None
+
+    def _check_shape(self, text: str) -> None:
+        """Refuse nesting deeper than MAX_NESTING and more than MAX_NODES after aliases.
+
+        One pass over the parser's events (iterative: no recursion to overflow), before a
+        node tree is built: an alias counts the nodes of what it refers to.
+        """
+        loader = _Loader(text)
+        sizes: dict[str, int] = {}  # anchor -> nodes under it, itself included
+        stack: list[tuple[int, str | None]] = []  # (nodes so far, anchor) per open collection
+        total = 0
+        try:
+            while (event := loader.get_event()) is not None:
+                if isinstance(event, yaml.StreamEndEvent):
+                    break
+                if isinstance(event, yaml.CollectionStartEvent):
+                    if len(stack) >= MAX_NESTING:
+                        where = self._where(event)
+                        raise ConfigError([f"{where}: nested deeper than {MAX_NESTING} levels"])
+                    stack.append((0, event.anchor))
+                    continue
+                if isinstance(event, yaml.CollectionEndEvent):
+                    count, anchor = stack.pop()
+                    size = count + 1
+                    if anchor is not None:
+                        sizes[anchor] = size
+                elif isinstance(event, yaml.ScalarEvent):
+                    size = 1
+                    if event.anchor is not None:
+                        sizes[event.anchor] = 1
+                elif isinstance(event, yaml.AliasEvent):
+                    size = sizes.get(event.anchor or "", 1)
+                else:
+                    continue
+                if stack:
+                    count, anchor = stack[-1]
+                    stack[-1] = (count + size, anchor)
+                else:
+                    total += size
+                if total + sum(c for c, _ in stack) > MAX_NODES:
+                    raise ConfigError(
+                        [
+                            f"{self._where(event)}: more than {MAX_NODES} values once its"
+                            " aliases are expanded: not a configuration"
+                        ]
+                    )
+        finally:
+            loader.dispose()
+
+    def _where(self, event: yaml.Event) -> str:
+        mark = event.start_mark
+        return f"{self.source}:{mark.line + 1}" if mark is not None else self.source
 
     def _convert(self, node: yaml.Node, path: Path_, loader: yaml.SafeLoader) -> Any:
         self.lines[path] = node.start_mark.line + 1
@@ -721,26 +949,67 @@ class _Located:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self._convert(item, (*path, i), loader) for i, item in enumerate(node.value)]
-        value = loader.construct_object(node, deep=True)
+        try:
+            value = loader.construct_object(node, deep=True)
+        except (ValueError, yaml.YAMLError) as exc:
+            # e.g. an integer of 5,000 digits (Python's int-from-string limit)
+            self.problems.append(f"{self.at(path)}: unreadable value: {exc}")
+            return None
         if isinstance(value, str):
             return self._interpolate(value, path)
         return value
 
     def _interpolate(self, value: str, path: Path_) -> str:
         def replace(match: re.Match[str]) -> str:
-            name, default = match.group(1), match.group(2)
+            text = match.group(0)
+            if text == "$${":
+                return "${"
+            body = match.group(1)
+            form = _ENV_FORMS.fullmatch(body) if body is not None else None
+            if form is None or "${" in (form.group("arg") or ""):
+                shown = text if body is not None else "${ (no closing brace)"
+                self.problems.append(
+                    f"{self.at(path)}: unsupported interpolation {shown}; {_ENV_HELP}"
+                )
+                return ""
+            if form.group("file") is not None:
+                return self._read_secret(form.group("file"), path)
+            name, op, arg = form.group("name", "op", "arg")
             found = os.environ.get(name)
-            if found is None or (found == "" and default is not None):
-                if default is None:
-                    self.problems.append(
-                        f"{self.at(path)}: environment variable {name} is not set "
-                        f"(use ${{{name}:-default}} for a default)"
-                    )
-                    return ""
-                return default
+            if op == ":-":
+                return found if found else arg
+            if op == ":?" and not found:
+                why = f": {arg}" if arg else ""
+                self.problems.append(
+                    f"{self.at(path)}: environment variable {name} is not set or empty{why}"
+                )
+                return ""
+            if found is None:
+                self.problems.append(
+                    f"{self.at(path)}: environment variable {name} is not set "
+                    f"(use ${{{name}:-default}} for a default)"
+                )
+                return ""
             return found
 
         return _ENV.sub(replace, value)
+
+    def _read_secret(self, name: str, path: Path_) -> str:
+        # The content is a secret: the error names the file, never what it holds.
+        try:
+            content = Path(name).read_text(encoding="utf-8")
+        except OSError as exc:
+            why = exc.strerror or type(exc).__name__
+            self.problems.append(f"{self.at(path)}: cannot read ${{file:{name}}}: {why}")
+            return ""
+        except UnicodeDecodeError:
+            self.problems.append(f"{self.at(path)}: ${{file:{name}}} is not UTF-8 text")
+            return ""
+        # Files written by editors and `echo` end in a newline that is not part of the secret.
+        content = content.removesuffix("\n")
+        if content:
+            self.secrets.add(content)
+        return content
 
     def line(self, path: Path_) -> int | None:
         """The line of `path`, or of its nearest ancestor present in the file."""
@@ -773,9 +1042,12 @@ _TAGS = {"mqtt", "kafka", "room"}
 
 def _pydantic_problems(exc: ValidationError, doc: _Located) -> list[str]:
     problems = []
+    hidden = secret_field_names()
     for error in exc.errors(include_url=False):
         loc = tuple(error["loc"])
         path = _strip_tags(loc)
+        if any(part in hidden for part in loc):
+            error["input"] = _HIDDEN
         message = error["msg"]
         if error["type"] == "missing":
             message = "required key is missing"
@@ -805,10 +1077,15 @@ def _strip_tags(loc: tuple[Any, ...]) -> Path_:
     return tuple(path)
 
 
+_HIDDEN = object()  # the input of a secret field: never shown
+
+
 def _expected(error: Any) -> str:
     if error["type"] in ("missing", "extra_forbidden", "value_error", "endpoint"):
         return ""
     input_value = error.get("input")
+    if input_value is _HIDDEN:
+        return " (value not shown: a secret)"
     if isinstance(input_value, (str, int, float, bool)) or input_value is None:
         shown = repr(input_value)
         return f" (got {shown[:60]})"
@@ -830,18 +1107,42 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 def parse_config(text: str, source: str = "<config>") -> Config:
     """Validate configuration text (see `load_config`)."""
     doc = _Located(source, text)
+    # Secret fields' inputs are never shown (`_pydantic_problems`); what ${file:...} read can be
+    # in any field, so it is redacted from every problem.
+    secrets = doc.secrets
     if doc.problems:
-        raise ConfigError(doc.problems)
+        raise ConfigError(redact_all(doc.problems, secrets))
     if not isinstance(doc.data, dict):
         raise ConfigError([f"{source}:1: the file must be a mapping with livekit and connectors"])
     try:
         config = Config.model_validate(doc.data)
     except ValidationError as exc:
-        raise ConfigError(_pydantic_problems(exc, doc)) from exc
+        raise ConfigError(redact_all(_pydantic_problems(exc, doc), secrets)) from exc
+    config._file_secrets = frozenset(doc.secrets)
     problems = [f"{doc.at(p)}: {m}" for p, m in check_references(config)]
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(redact_all(problems, secrets))
     return config
+
+
+REDACTED = "***"
+MIN_SECRET_LENGTH = 4  # shorter "secrets" would blank out ordinary words and digits
+
+
+def redact_all(lines: list[str], secrets: set[str] | frozenset[str]) -> list[str]:
+    """`lines` with every secret (of `MIN_SECRET_LENGTH` characters or more) replaced by ***."""
+    pattern = secrets_pattern(secrets)
+    if pattern is None:
+        return lines
+    return [pattern.sub(REDACTED, line) for line in lines]
+
+
+def secrets_pattern(secrets: set[str] | frozenset[str]) -> re.Pattern[str] | None:
+    """One regex matching every secret worth redacting, longest first; None if there is none."""
+    worth = sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
+    if not worth:
+        return None
+    return re.compile("|".join(re.escape(s) for s in worth))
 
 
 # ----------------------------------------------------------------------------- cross checks
