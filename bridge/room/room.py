@@ -152,6 +152,7 @@ class Room:
         self._session: _Session | None = None
         self._url = ""
         self._token = ""
+        self._renew_token: Callable[[], str] | None = None
         self._connection_state = "disconnected"
         self._lost: asyncio.Queue[tuple[_Session, str, bool]] = asyncio.Queue()
         self._event_inbox: asyncio.Queue[object] = asyncio.Queue(self.options.event_queue_size)
@@ -243,8 +244,13 @@ class Room:
         """Resolve RPC methods that have no registered handler (see `RpcManager`)."""
         self._rpc.set_fallback_handler(fallback)
 
-    async def connect(self, url: str, token: str) -> None:
+    async def connect(
+        self, url: str, token: str, *, renew_token: Callable[[], str] | None = None
+    ) -> None:
         """Join the room at `url` with `token`; returns once data can flow both ways.
+
+        `renew_token` mints a fresh token for every rejoin (short-lived tokens outlive
+        nothing); without it a rejoin uses the server's latest refresh token, or `token`.
 
         Raises a `ConnectError` (invalid URL, rejected token, unreachable server, WebRTC not
         connecting in time) without retrying: retry policy for the first join is the caller's.
@@ -252,6 +258,7 @@ class Room:
         if self._connection_state != "disconnected" or self._closing:
             raise ConnectError("room: connect called twice (a Room joins once; make a new one)")
         self._url, self._token = url, token
+        self._renew_token = renew_token
         self._connection_state = "connecting"
         try:
             session, events = await self._open_session()
@@ -744,6 +751,8 @@ class Room:
         async for attempt in retrying:
             with attempt:
                 attempts += 1
+                if self._renew_token is not None:
+                    self._token = self._renew_token()
                 session, events = await self._open_session()
                 return session, events, attempts
         raise AssertionError("unreachable")  # pragma: no cover

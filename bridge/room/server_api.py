@@ -49,7 +49,7 @@ from bridge.room.errors import (
 )
 from bridge.room.types import MAX_DATA_PACKET_BYTES
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("roombus.room.server_api")
 
 _T = TypeVar("_T", bound=Message)
 
@@ -83,6 +83,7 @@ def mint_token(
     can_update_own_metadata: bool = True,
     can_publish_data: bool = True,
     can_subscribe: bool = True,
+    can_publish: bool = False,
     hidden: bool = False,
     kind: str | None = None,
 ) -> str:
@@ -100,6 +101,7 @@ def mint_token(
         can_update_own_metadata: grant to change our own name, metadata and attributes.
         can_publish_data: grant to send data packets, streams and RPC.
         can_subscribe: grant to receive (also makes the server's subscriber PC primary).
+        can_publish: grant to publish audio and video tracks (LiveKit's default is True).
         hidden: the participant is invisible to others.
         kind: the participant kind claim, one of `TOKEN_KINDS`.
 
@@ -125,6 +127,7 @@ def mint_token(
         room_join=True,
         room=room,
         can_subscribe=can_subscribe,
+        can_publish=can_publish,
         can_publish_data=can_publish_data,
         can_update_own_metadata=can_update_own_metadata,
         hidden=hidden or None,

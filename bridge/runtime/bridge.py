@@ -50,6 +50,7 @@ from bridge.room.types import Counters
 from bridge.router import ToBusRoute, ToRoomRoute, compile_routes
 from bridge.rpcbridge import RpcBridge
 from bridge.runtime.dead_letter import Rejections
+from bridge.runtime.grants import needed_grants
 from bridge.runtime.outbox import DurableQueue, OutboundCodec, Outbox
 from bridge.runtime.publisher import Publisher
 from bridge.runtime.pump import BusPump
@@ -127,6 +128,8 @@ class Bridge:
         # The composition root's endpoint planner: what a reloaded configuration needs
         # (nothing connects before the bridge enters what it does not have yet).
         self.plan_endpoints = plan_endpoints
+        # Fixed for the run: a reload that needs more is refused (bridge.runtime.reload).
+        self.grants = needed_grants(config)
         self.bridge_id = bridge_id or f"{config.livekit.identity}-{uuid.uuid4().hex[:8]}"
         self.counters = Counters()
         self.spooling = spooling
@@ -167,6 +170,7 @@ class Bridge:
         self._other_tasks: list[asyncio.Task[None]] = []
         self._open: list[Endpoint] = []  # entered, in order; exited in reverse
         self._reload_lock = asyncio.Lock()
+        self.last_reload: dict[str, object] = {}  # set by `bridge.runtime.reloader`
 
     def _outbox(self, route: ToBusRoute) -> Outbox:
         settings, spooling = self.config.bridge, self.spooling
@@ -368,7 +372,7 @@ class Bridge:
         async with self._reload_lock:
             if self._tg is None or self.plan_endpoints is None:
                 raise ReloadRefused(["the bridge is not running (or cannot reload)"])
-            plan = plan_reload(self.config, new)
+            plan = plan_reload(self.config, new, self.grants)
             if plan.needs_restart:
                 raise ReloadRefused(list(plan.needs_restart))
             if not plan.empty:
@@ -548,6 +552,7 @@ class Bridge:
         if lk.token is not None:
             return lk.token
         assert lk.api_key is not None and lk.api_secret is not None
+        grants = self.grants
         return mint_token(
             lk.api_key,
             lk.api_secret,
@@ -557,12 +562,17 @@ class Bridge:
             metadata=lk.metadata,
             attributes=lk.attributes,
             ttl=timedelta(seconds=lk.token_ttl),
+            can_publish=False,
+            can_publish_data=grants.can_publish_data,
+            can_update_own_metadata=grants.can_update_own_metadata,
+            can_subscribe=grants.can_subscribe,
         )
 
     def _join(self, name: str) -> None:
         if name in self.links:
             return
-        link = RoomLink(name, self.config.livekit.url, self._token, self.counters)
+        lk = self.config.livekit
+        link = RoomLink(name, lk.url, self._token, self.counters, renew_token=lk.token is None)
         events = RoomEvents(link, self.outboxes, self.counters)
         link.add_listeners(attach=(events.attach, self.rpc.attach), joined=(events.joined,))
         self.links[name] = link

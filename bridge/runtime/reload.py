@@ -12,6 +12,7 @@ Needs a restart, because a running bridge holds it in long-lived state:
 * a change to a bus connection that is in use (its address, credentials, client id, TLS):
   every route of that bus shares the connection (a new bus, or dropping an unused one, is fine);
 * the ``bridge`` runtime settings (queue sizes, spool, in-flight limits, the HTTP port);
+* routes that need a token grant the rooms were joined without (`bridge.runtime.grants`);
 * RPC connectors, in either direction: calls in progress, the reply cache and the
   reply-topic subscriptions span them.
 """
@@ -25,6 +26,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from bridge.config import Config, ConnectorConfig, RoomFrom
+from bridge.runtime.grants import Grants, needed_grants
 
 
 @dataclass(frozen=True)
@@ -73,9 +75,15 @@ class ReloadRefused(Exception):
         self.problems = problems
 
 
-def plan_reload(old: Config, new: Config) -> ReloadPlan:
-    """What reloading from `old` to `new` does, and what of it needs a restart."""
+def plan_reload(old: Config, new: Config, running: Grants | None = None) -> ReloadPlan:
+    """What reloading from `old` to `new` does, and what of it needs a restart.
+
+    `running`: the grants of the rooms' tokens (default: what `old` needs).
+    """
     restart = list(_livekit_changes(old, new))
+    lacking = needed_grants(new).missing(running or needed_grants(old))
+    if lacking:
+        restart.append(f"connectors: the new routes need the token grants {', '.join(lacking)}")
     restart += _bus_changes("mqtt", old.mqtt, new.mqtt, _buses_in_use(old, "mqtt"))
     restart += _bus_changes("kafka", old.kafka, new.kafka, _buses_in_use(old, "kafka"))
     restart += [f"bridge.{path}: changed" for path in _diff(old.bridge, new.bridge)]

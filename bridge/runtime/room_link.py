@@ -9,6 +9,7 @@ session is missed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -38,10 +39,12 @@ class RoomLink:
         *,
         attach: Sequence[Attach] = (),
         joined: Sequence[Joined] = (),
+        renew_token: bool = True,
     ) -> None:
         self.name = name
         self.url = url
         self._token = token
+        self._renew = renew_token  # False for a ready-made token: rejoin with refresh tokens
         self.counters = counters
         self._attach = list(attach)
         self._joined = list(joined)
@@ -66,7 +69,8 @@ class RoomLink:
                 attach(self, room)
             room.on(Disconnected, lambda e: log.info("room %s: closed: %s", self.name, e.reason))
             try:
-                await room.connect(self.url, self._token(self.name))
+                renew = functools.partial(self._token, self.name) if self._renew else None
+                await room.connect(self.url, self._token(self.name), renew_token=renew)
             except ConnectError as exc:
                 wait = delay(attempt, maximum=CONNECT_MAX)
                 attempt += 1

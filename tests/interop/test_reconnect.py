@@ -8,7 +8,8 @@ from pathlib import Path
 from livekit import rtc
 
 from bridge.room.events import DataReceived, Reconnected, Reconnecting
-from bridge.room.room import RoomOptions
+from bridge.room.room import Room, RoomOptions
+from tests.conftest import make_token
 from tests.interop.conftest import eventually, our_peer, private_livekit_server, sdk_peer
 
 
@@ -48,3 +49,32 @@ async def test_server_restart_then_rejoin_and_data_flows_again(
                 assert (await asyncio.wait_for(got.get(), 10)).data == b"after restart"
                 event = await asyncio.wait_for(anext(events), 10)
                 assert event.packet.data == b"hello again"
+
+
+async def test_a_full_rejoin_uses_a_freshly_minted_token(
+    tmp_path: Path, room_name: str, in_test_namespace: None
+) -> None:
+    options = RoomOptions(reconnect_initial_delay=0.2, reconnect_max_delay=2.0)
+    minted: list[str] = []
+
+    def renew() -> str:
+        # The name claim tells which token the server saw at the rejoin.
+        minted.append(f"renewed-{len(minted)}")
+        return make_token(server, room_name, "ours", name=minted[-1])
+
+    async with private_livekit_server(tmp_path) as server:
+        ours = Room(options)
+        await ours.connect(
+            server.url, make_token(server, room_name, "ours", name="first"), renew_token=renew
+        )
+        try:
+            seen: list[object] = []
+            ours.on(Reconnected, seen.append)
+            await asyncio.to_thread(server.restart)
+            await eventually(lambda: bool(seen), timeout=60, what="rejoin after the server restart")
+            assert minted, "the rejoin did not ask for a fresh token"
+            async with sdk_peer(server, room_name, "sdk") as sdk:
+                await eventually(lambda: "ours" in sdk.remote_participants, what="sdk sees us")
+                assert sdk.remote_participants["ours"].name == minted[-1]
+        finally:
+            await ours.disconnect()
