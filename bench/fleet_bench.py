@@ -447,7 +447,7 @@ connectors:
     from: {{room: "fleet-*", packet: {{topic: "command/{{device}}"}}}}
     to: {{mqtt: bus, topic: "fleet/{{room}}/{{device}}/commands", qos: 1}}
 bridge:
-  health_port: {args.health_port}
+  http_port: {args.health_port}
 """
         )
     assert servers.kafka is not None
@@ -466,7 +466,7 @@ connectors:
     from: {{room: "fleet-*", {source}}}
     to: {{kafka: main, topic: "{kafka_topic}", key: "{{room}}"}}
 bridge:
-  health_port: {args.health_port}
+  http_port: {args.health_port}
 """
     )
 

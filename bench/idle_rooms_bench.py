@@ -89,7 +89,7 @@ connectors:
     from: {{mqtt: bus, topic: "idle/{{room}}/command", qos: 1}}
     to: {{room: "{{room}}", packet: {{topic: command, reliable: true}}}}
 bridge:
-  health_port: {args.health_port}
+  http_port: {args.health_port}
 """
 
 

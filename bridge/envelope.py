@@ -50,6 +50,9 @@ class Envelope:
     content_type: str | None = None
     reliable: bool = True
     received_at: float = field(default_factory=time.time)
+    # The bus's own time of the message (a Kafka record's timestamp), when it has one: where
+    # the end-to-end latency starts.
+    sent_at: float | None = None
     id: str = field(default_factory=new_id)
     # MQTT: the publish's QoS and retain flag, and its message expiry (seconds) if any.
     qos: int = 0

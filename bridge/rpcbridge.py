@@ -71,7 +71,6 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bridge.config import (
@@ -101,6 +100,7 @@ from bridge.room.rpc import RpcHandler, RpcInvocationData
 from bridge.room.types import Counters
 from bridge.router import MAX_JSON_BYTES, ToBusRoute, ToRoomRoute, decode_payload
 from bridge.runtime.dead_letter import Rejected, Rejections
+from bridge.statefiles import private_dir, private_file
 from bridge.topics import Target, TemplateValueError, glob_match
 
 if TYPE_CHECKING:
@@ -184,8 +184,7 @@ class ReplyCache:
         self.window = window
         self.max_entries = max_entries
         if state_dir is not None:
-            Path(state_dir).mkdir(parents=True, exist_ok=True)
-            self.path = str(Path(state_dir) / STATE_FILE)
+            self.path = str(private_file(private_dir(state_dir) / STATE_FILE))
         else:
             self.path = ":memory:"
         self._db = sqlite3.connect(self.path, isolation_level=None)
@@ -485,7 +484,7 @@ class RpcBridge:
         try:
             request = parse_request(route, envelope, values)
         except RejectedMessage as exc:
-            self.c.inc(f"{prefix}.rejected.{exc.reason}")
+            # Counted (route.<name>.rejected.<reason>) by the decision below, once.
             log.warning("%s: cannot answer a request on %s: %s", route.name, envelope.topic, exc)
             # Like every undeliverable message: decided once by the route's on_reject.
             settle, error = await self.rejections.decide(
@@ -522,12 +521,14 @@ class RpcBridge:
                 return
             running: asyncio.Future[RpcOutcome] = asyncio.get_running_loop().create_future()
             self._running[key] = running
+        started = time.monotonic()
         try:
             outcome = await self._call(route, request)
         except asyncio.CancelledError:
             if key is not None:
                 self._running.pop(key, None)
             raise
+        self._record(route.name, started, outcome.code if not outcome.ok else None)
         if key is not None:
             self.cache.put(key, outcome)
             self._running.pop(key, None)
@@ -706,9 +707,22 @@ class RpcBridge:
             route = self._route_for(routes, data.method, data.caller_identity)
             if route is None:
                 raise RpcError.builtin(RpcError.UNSUPPORTED_METHOD)
-            return await self._call_bus(link, route, data)
+            started = time.monotonic()
+            try:
+                result = await self._call_bus(link, route, data)
+            except RpcError as exc:
+                self._record(route.name, started, exc.code)
+                raise
+            self._record(route.name, started, None)
+            return result
 
         return handle
+
+    def _record(self, route: str, started: float, code: int | None) -> None:
+        """Count one call's outcome (`code` None: ok) and observe how long it took."""
+        outcome = "ok" if code is None else f"error.{code}"
+        self.c.inc(f"route.{route}.rpc_calls.{outcome}")
+        self.c.observe(f"route.{route}.rpc_seconds", time.monotonic() - started)
 
     async def _call_bus(self, link: JoinedRoom, route: ToBusRoute, data: RpcInvocationData) -> str:
         spec = route.source.rpc

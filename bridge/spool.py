@@ -82,6 +82,7 @@ from typing import Literal, Self
 
 from bridge.envelope import Outbound
 from bridge.errors import BridgeError
+from bridge.statefiles import private_dir, private_file
 
 Overflow = Literal["drop_newest", "drop_oldest"]
 OVERFLOW_POLICIES: tuple[Overflow, ...] = ("drop_newest", "drop_oldest")
@@ -150,7 +151,7 @@ class Spool:
             raise ValueError(f"spool max_bytes must be positive, got {max_bytes}")
         if max_age is not None and max_age <= 0:
             raise ValueError(f"spool max_age must be positive or None, got {max_age}")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -159,6 +160,7 @@ class Spool:
             raise SpoolError(f"spool {path}: open failed: in use by another process") from None
         db: sqlite3.Connection | None = None
         try:
+            private_file(path)
             db = sqlite3.connect(path, isolation_level=None, timeout=0, cached_statements=64)
             spool = cls(db, lock_fd, path, max_bytes, max_age)
             spool._setup()

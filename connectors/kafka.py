@@ -86,7 +86,7 @@ from bridge.envelope import H_CONTENT_TYPE, Envelope, Outbound
 from bridge.errors import ConnectorError, RejectedMessage
 from bridge.retry import is_retriable
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("roombus.kafka")
 
 #: Header set on an inbound envelope whose record was a tombstone (null value).
 H_KAFKA_TOMBSTONE = "kafka-tombstone"
@@ -1516,6 +1516,7 @@ class KafkaSource:
             headers=headers,
             content_type=content_type,
             partition=tp.partition,
+            sent_at=record.timestamp / 1000 if record.timestamp and record.timestamp > 0 else None,
             # The record's coordinates: unique, and what an operator greps the logs for.
             id=f"{tp.topic}-{tp.partition}@{record.offset}",
         )

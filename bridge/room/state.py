@@ -34,7 +34,7 @@ from livekit.protocol import models, rtc
 
 from bridge.room.types import Counters
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("roombus.room.state")
 
 # How many departed participant sids are remembered to reject late updates about them.
 _DEPARTED_SIDS_KEPT = 1024

@@ -10,10 +10,13 @@ packets by the room's dispatcher, in arrival order, one at a time.
 from __future__ import annotations
 
 import enum
-from collections import Counter
+import math
+import time
+from bisect import bisect_left
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from livekit.protocol import models
 
@@ -56,16 +59,81 @@ class DataPacket:
     destination_identities: tuple[str, ...] = ()
 
 
+# Upper bounds (seconds) of the latency histograms' buckets: from a fast loopback hop (~1 ms)
+# to a message that waited out a broker outage; above the last one is +Inf.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+# How many recent errors `Counters.note_error` keeps for the status page.
+RECENT_ERRORS = 50
+
+
+class Histogram:
+    """Observations in fixed buckets: per-bucket counts (the last one is +Inf) and their sum.
+
+    Lock-free and allocation-free per observation (one bisect into a tuple, two additions):
+    it runs once per message on the event loop.
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count one observation (Prometheus ``le`` semantics: a bucket includes its bound)."""
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        """Observations in total."""
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, observations at most that), ending with (+Inf, count)."""
+        out: list[tuple[float, int]] = []
+        total = 0
+        for bound, n in zip((*self.bounds, math.inf), self.counts, strict=True):
+            total += n
+            out.append((bound, total))
+        return out
+
+
 class Counters(Counter[str]):
-    """Named event counts of one room (drops, malformed input, duplicates, ...).
+    """Named event counts of one room or one bridge (drops, malformed input, duplicates, ...).
 
     Every deliberate drop and every rejected input is counted here, so operators can see it;
-    names are dotted, e.g. ``packets.lossy_dropped``, ``streams.chunk_gap``.
+    names are dotted, e.g. ``packets.lossy_dropped``, ``streams.chunk_gap``. Beside the counts:
+    latency histograms by name (`observe`), and the last error per route with the most recent
+    errors overall (`note_error`), which `/metrics` and `/status` read (`bridge.metrics`).
     """
+
+    def __init__(self, *args: Any, **kwargs: int) -> None:
+        super().__init__(*args, **kwargs)
+        self.histograms: dict[str, Histogram] = {}
+        # route (or other subject) -> (epoch seconds, what went wrong)
+        self.last_error: dict[str, tuple[float, str]] = {}
+        self.recent_errors: deque[tuple[float, str, str]] = deque(maxlen=RECENT_ERRORS)
 
     def inc(self, name: str, n: int = 1) -> None:
         """Add `n` to the count called `name`."""
         self[name] += n
+
+    def observe(self, name: str, seconds: float) -> None:
+        """Add one observation (e.g. a latency in seconds) to the histogram called `name`."""
+        histogram = self.histograms.get(name)
+        if histogram is None:
+            histogram = self.histograms[name] = Histogram()
+        histogram.observe(seconds)
+
+    def note_error(self, subject: str, message: str) -> None:
+        """Remember `message` as the last error of `subject` (a route name) and a recent one."""
+        now = time.time()
+        self.last_error[subject] = (now, message)
+        self.recent_errors.append((now, subject, message))
 
 
 class PacketTransport(Protocol):

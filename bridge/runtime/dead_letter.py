@@ -20,13 +20,13 @@ reason every `LOG_EVERY` seconds, with the number of messages the quiet period s
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from bridge.endpoint import Sink
 from bridge.envelope import Outbound
 from bridge.errors import RejectedMessage
+from bridge.logs import RateLimitedLog
 from bridge.room.types import Counters
 from bridge.router import BusTarget
 from bridge.runtime.publisher import Publisher
@@ -62,7 +62,7 @@ class Rejections:
         self.publisher = publisher
         self.counters = counters
         self.bridge_id = bridge_id
-        self._last_log: dict[tuple[str, str], tuple[float, int]] = {}
+        self._warnings = RateLimitedLog(log, LOG_EVERY)  # keyed by (route, reason)
 
     async def decide(
         self,
@@ -80,6 +80,7 @@ class Rejections:
         """
         prefix = f"route.{route}"
         self.counters.inc(f"{prefix}.rejected.{why.reason}")
+        self.counters.note_error(route, f"rejected: {why.reason}: {why.detail[:200]}")
         if policy == "hold":
             self.counters.inc(f"{prefix}.held")
             self._warn(route, why, message, "held (not acknowledged)")
@@ -121,20 +122,13 @@ class Rejections:
         return True
 
     def _warn(self, route: str, why: RejectedMessage, message: Rejected, outcome: str) -> None:
-        key = (route, why.reason)
-        now = time.monotonic()
-        last, quiet = self._last_log.get(key, (-LOG_EVERY, 0))
-        if now - last < LOG_EVERY:
-            self._last_log[key] = (last, quiet + 1)
-            return
-        self._last_log[key] = (now, 0)
-        more = f" ({quiet} more since the last report)" if quiet else ""
-        log.warning(
-            "%s: rejected a message from %s: %s: %s; %s%s",
+        self._warnings.warning(
+            (route, why.reason),
+            "%s: rejected a message from %s: %s: %s; %s",
             route,
             message.origin,
             why.reason,
             why.detail,
             outcome,
-            more,
+            extra={"route": route},
         )

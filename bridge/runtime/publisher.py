@@ -15,18 +15,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from bridge.endpoint import Sink
+from bridge.envelope import H_TIMESTAMP
 from bridge.errors import ConnectorError, RejectedMessage
+from bridge.logs import RateLimitedLog
 from bridge.retry import backoff, delay
 from bridge.room.types import Counters
 
 log = logging.getLogger("roombus.publish")
+# Every message in flight to a failing broker fails at once: one line per route and interval.
+_limited = RateLimitedLog(log)
 
 T = TypeVar("T")
+
+# The header a dead-letter copy carries (`bridge.runtime.dead_letter`).
+H_ERROR = "roombus-error"
 
 # Attempts for an exception that is not a ConnectorError (see the module docstring).
 UNEXPECTED_ATTEMPTS = 5
@@ -60,15 +68,25 @@ class Publisher:
         """
         try:  # the fast path: no retry machinery for a message that goes at once
             await sink.publish(message)
-            return
         except ConnectorError as exc:
             if not exc.retriable:
                 raise RejectedMessage("refused", str(exc)) from exc
             first: Exception = exc
         except Exception as exc:  # noqa: BLE001 - see the module docstring
             first = exc
+        else:
+            self._published(route, message)
+            return
         self.counters.inc(f"route.{route}.publish_retries")
-        log.warning("%s: publish to %s failed (%s); retrying with backoff", route, where, first)
+        self.counters.note_error(route, f"publish to {where} failed, retrying: {first}")
+        _limited.warning(
+            (route, "failed"),
+            "%s: publish to %s failed (%s); retrying with backoff",
+            route,
+            where,
+            first,
+            extra={"route": route},
+        )
         failures = 1
         await asyncio.sleep(delay(0))
 
@@ -101,5 +119,35 @@ class Publisher:
         except Exception as exc:
             log.error("%s: publish to %s failed unexpectedly", route, where, exc_info=exc)
             raise RejectedMessage("publish_failed", f"{type(exc).__name__}: {exc}") from exc
+        self._published(route, message)
         if failures:
-            log.info("%s: publish to %s succeeded after %d retries", route, where, failures)
+            _limited.log(
+                logging.INFO,
+                (route, "recovered"),
+                "%s: publish to %s succeeded after %d retries",
+                route,
+                where,
+                failures,
+                extra={"route": route},
+            )
+
+    def _published(self, route: str, message: object) -> None:
+        """Observe the route's end-to-end latency once the broker acknowledged `message`.
+
+        Measured from the room event (``lk-timestamp``, ms). Dead-letter copies
+        (``roombus-error``) are not the route's traffic, and a message without a timestamp has
+        nothing to measure.
+        """
+        stamp = None
+        for name, value in getattr(message, "headers", ()):
+            if name == H_TIMESTAMP:
+                stamp = value
+            elif name == H_ERROR:
+                return
+        if stamp is None:
+            return
+        try:
+            since = int(stamp) / 1000
+        except ValueError:
+            return
+        self.counters.observe(f"route.{route}.latency", max(0.0, time.time() - since))

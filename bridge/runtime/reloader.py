@@ -39,11 +39,12 @@ class Reloader:
         path: str | Path,
         *,
         load: Callable[[str | Path], Config] = load_config,
+        on_load: Callable[[Config], None] | None = None,
     ) -> None:
         self.bridge = bridge
         self.path = Path(path)
         self.load = load
-        self.last: dict[str, object] = {}  # the last attempt, for /status
+        self.on_load = on_load  # sees each valid file before it is applied (new secrets)
         self._wanted = asyncio.Event()
 
     def trigger(self) -> None:
@@ -83,6 +84,8 @@ class Reloader:
         started = time.time()
         try:
             config = self.load(self.path)
+            if self.on_load is not None:
+                self.on_load(config)
             plan = await self.bridge.reload(config)
         except ConfigError as exc:
             return self._done(started, "rejected", [f"invalid: {p}" for p in exc.problems])
@@ -100,10 +103,16 @@ class Reloader:
             log.error("reload: %s: refused, still running the previous configuration:", self.path)
             for problem in problems:
                 log.error("reload:   %s", problem)
-        self.last = {
+        self.bridge.last_reload = {
             "at": started,
+            "file": str(self.path),
             "result": result,
             "summary": summary,
             "problems": problems,
         }
         return result
+
+    @property
+    def last(self) -> dict[str, object]:
+        """The last attempt: when, which file, its result, summary and problems."""
+        return self.bridge.last_reload

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 
 from bridge.envelope import H_CONTENT_TYPE, Envelope
 from bridge.errors import RejectedMessage
+from bridge.logs import RateLimitedLog
 from bridge.retry import delay
 from bridge.room.errors import (
     DataPacketTooLargeError,
@@ -30,6 +32,8 @@ from bridge.router import RoomDelivery
 from bridge.runtime.room_link import RoomLink
 
 log = logging.getLogger("roombus.deliver")
+# Every delivery waiting on a failing room fails at once: one line per route, room, interval.
+_limited = RateLimitedLog(log)
 
 
 class RoomSink:
@@ -44,11 +48,17 @@ class RoomSink:
         link = self.links.get(d.room)
         if link is None:
             raise RejectedMessage("unknown_room", f"room {d.room!r} is not one the bridge joins")
+        # The link carries the bridge's counters: the end-to-end latency (from the bus's own
+        # timestamp, else from when the bridge received the message) and the retries are
+        # counted there.
+        counters = link.counters
         attempt = 0
         while True:
             room = await link.ready()
             try:
                 await self._deliver_once(room, d, envelope)
+                start = envelope.sent_at or envelope.received_at
+                counters.observe(f"route.{route}.latency", max(0.0, time.time() - start))
                 return
             except NotConnectedError:
                 pass  # the room is rejoining: wait for it and try again
@@ -58,7 +68,16 @@ class RoomSink:
                 if not exc.retriable:
                     raise RejectedMessage("refused", str(exc)) from exc
                 if attempt == 0:
-                    log.warning("%s: delivery into %s failed (%s); retrying", route, d.room, exc)
+                    counters.note_error(route, f"delivery into {d.room} failed, retrying: {exc}")
+                    _limited.warning(
+                        (route, d.room),
+                        "%s: delivery into %s failed (%s); retrying",
+                        route,
+                        d.room,
+                        exc,
+                        extra={"route": route, "room": d.room},
+                    )
+            counters.inc(f"route.{route}.delivery_retries")
             await asyncio.sleep(delay(attempt))
             attempt += 1
 

@@ -40,9 +40,10 @@ ROOT = Path(__file__).resolve().parents[2]
 class BridgeProcess:
     """`python -m bridge run CONFIG` as a child process, its log in a file."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, *options: str) -> None:
         self.config = config
         self.log = log
+        self.options = options  # of `run`, e.g. --watch
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -51,7 +52,7 @@ class BridgeProcess:
         with self.log.open("ab") as out:
             out.write(f"\n===== start {self.starts} =====\n".encode())
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "run", str(self.config)],
+                [sys.executable, "-m", "bridge", "run", *self.options, str(self.config)],
                 cwd=ROOT,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -78,10 +79,10 @@ class BridgeProcess:
 
 
 @contextlib.contextmanager
-def bridge_process(tmp_path: Path, yaml_text: str) -> Iterator[BridgeProcess]:
+def bridge_process(tmp_path: Path, yaml_text: str, *options: str) -> Iterator[BridgeProcess]:
     config = tmp_path / "roombus.yaml"
     config.write_text(yaml_text)
-    bridge = BridgeProcess(config, tmp_path / "roombus.log")
+    bridge = BridgeProcess(config, tmp_path / "roombus.log", *options)
     bridge.start()
     try:
         yield bridge

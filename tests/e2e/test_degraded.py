@@ -57,7 +57,7 @@ connectors:
         reader.on("data_received", lambda p: got.put_nowait(p.data))
         config = bridge_yaml(livekit_server, mosquitto, None, room_name, body)
         async with run_bridge(config) as bridge:
-            server = HealthServer(bridge, health)  # what `roombus run` serves on health_port
+            server = HealthServer(bridge, health)  # what `roombus run` serves on http_port
             await server.start()
             await eventually(lambda: "bridge" in reader.remote_participants, what="bridge joined")
             await mqtt_peer.publish("in/a", b"still flowing")

@@ -93,7 +93,8 @@ async def test_reload_adds_changes_removes_routes_and_refuses_bad_files(
         async def collect() -> None:
             while True:
                 message = await mqtt_peer.messages.get()
-                on_bus.setdefault(message.topic.removeprefix(f"{p}/"), []).append(message.payload)
+                topic = message.topic.removeprefix(f"{p}/")
+                on_bus.setdefault(topic, []).append(bytes(message.payload))
 
         await eventually(lambda: "bridge" in dash.remote_participants, what="dash sees the bridge")
         bridge_sid = dash.remote_participants["bridge"].sid

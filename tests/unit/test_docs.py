@@ -1,11 +1,12 @@
-"""The README documents every configuration key (its reference section is generated)."""
+"""The README documents every configuration key and every metric (both tables are generated)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from bridge.config import Config
-from bridge.docs import reference, splice
+from bridge.docs import METRICS_BEGIN, METRICS_END, metrics_table, reference, splice
+from bridge.metrics import METRICS
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -15,6 +16,18 @@ def test_readme_reference_is_current() -> None:
     assert splice(text) == text, (
         "README is stale: run .venv/bin/python -m bridge.docs --write README.md"
     )
+
+
+def test_readme_metrics_table_is_current() -> None:
+    """The metrics table between its markers is what `bridge.metrics.METRICS` generates."""
+    text = README.read_text()
+    start, end = text.index(METRICS_BEGIN), text.index(METRICS_END) + len(METRICS_END)
+    assert text[start:end] == metrics_table(), (
+        "README metrics table is stale: run .venv/bin/python -m bridge.docs --write README.md"
+    )
+    assert text.index("## Operating roombus") < start < text.index("## Configuration reference")
+    for metric in METRICS:
+        assert f"| `{metric.name}` |" in text
 
 
 def test_reference_names_every_top_level_and_livekit_key() -> None:
