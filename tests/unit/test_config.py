@@ -143,7 +143,7 @@ BAD = [
     # 16. YAML syntax error
     (
         BASE.replace("rooms: [lobby]", "rooms: [lobby"),
-        "bad.yaml:6: invalid YAML: expected ',' or ']', but got ':'",
+        "bad.yaml:6: invalid YAML: did not find expected ',' or ']'",
     ),
     # 17. duplicate key
     (
