@@ -100,7 +100,8 @@ METRICS: tuple[MetricDef, ...] = (
     # ------------------------------------------------------------------ routes
     _route(
         "roombus_route_received_total",
-        "Room events a room-to-bus route took into its buffer",
+        "Messages a route took: room events into a room-to-bus route's buffer, bus messages"
+        " a bus-to-room route matched",
         "received",
     ),
     _route(
@@ -632,7 +633,9 @@ class BridgeCollector(Collector):
 
         # Every route shows its main counts from the start, so rate() has a series to work on.
         for route, (direction, bus) in routes.items():
-            names = ("received", "published") if direction == ROOM_TO_BUS else ("delivered",)
+            names = (
+                ("received", "published") if direction == ROOM_TO_BUS else ("received", "delivered")
+            )
             for name in names:
                 samples[f"roombus_route_{name}_total"][(route, direction, bus)] = 0
         count("bridge", bridge.counters, {})

@@ -180,6 +180,7 @@ class BusPump:
             if values is None:
                 continue
             matched = True
+            self.counters.inc(f"route.{route.name}.received")
             if route.target.kind == "rpc":
                 rpc.append((route, values))
                 continue

@@ -154,7 +154,9 @@ connectors:
             assert seen == sorted(seen)
             assert max(rates) > 0, f"the page never showed a message rate: {rates}"
 
-            # Once traffic stops, the page settles on exactly what /status says.
+            # Once traffic stops and the bridge has settled every message it took, the page
+            # shows exactly what /status says.
+            await eventually_async(lambda: _settled(port), "the bridge to settle its messages")
             final = (await status(port))["routes"]["telemetry"]["counts"]["delivered"]
             await eventually_async(
                 lambda: _dom_equals(page, "telemetry", "delivered", final), "the final total"
@@ -223,8 +225,17 @@ async def _dom_equals(page: Page, route: str, field: str, want: int) -> bool:
     return cells.get(field) == str(want)
 
 
+async def _settled(port: int) -> bool:
+    body = await status(port)
+    counts = body["routes"]["telemetry"]["counts"]
+    idle = all(s["in_flight"] == 0 for s in body["sources"].values())
+    return bool(idle and counts["delivered"] + counts["rejected"] == counts["received"])
+
+
 async def eventually_async(check: Any, what: str, timeout: float = 15.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not await check():
-            await asyncio.sleep(0.05)
-    del what
+    try:
+        async with asyncio.timeout(timeout):
+            while not await check():
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}") from None
