@@ -139,6 +139,7 @@ def build_endpoints(config: Config) -> Endpoints:
             source.topics,
             group,
             max_in_flight=source.max_in_flight,
+            auto_offset_reset=source.auto_offset_reset,
         )
         endpoints.sources.append(
             BusSource(consumer.name, f"kafka:{source.kafka}", consumer, (route,))

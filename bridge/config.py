@@ -36,7 +36,8 @@ from pydantic import (
     model_validator,
 )
 
-from bridge.topics import Target, TemplateError, parse_filter, parse_template
+from bridge.rules import RuleError, compile_where
+from bridge.topics import Target, TemplateError, parse_filter, parse_name_pattern, parse_template
 
 Path_ = tuple[str | int, ...]
 
@@ -418,8 +419,12 @@ class RpcFrom(_Model):
 class RoomFrom(_Model):
     """Traffic of LiveKit rooms: exactly one of the kinds below."""
 
-    room: str = Field("*", description="Glob on room names")
-    participant: str = Field("*", description="Glob on the sender's identity")
+    room: str = Field(
+        "*", description="Glob on room names, with captures for the templates: plant-{site}"
+    )
+    participant: str = Field(
+        "*", description="Glob on the sender's identity, with captures: device-{device}"
+    )
     packet: PacketFrom | None = None
     text_stream: TextStreamFrom | None = None
     byte_stream: ByteStreamFrom | None = None
@@ -476,6 +481,12 @@ class KafkaFrom(_Model):
     )
     format: Format = Field("raw", description="Payload encoding on the bus")
     max_in_flight: int = Field(1000, ge=1, description="Unacknowledged records at most")
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "latest",
+        description="Where a consumer group without committed offsets starts: latest (the end:"
+        " only what is produced after the bridge first joined) or earliest (what the topics"
+        " still hold)",
+    )
     reply: KafkaReply | None = Field(
         None, description="Request/reply headers (only with an rpc target; default faststream)"
     )
@@ -630,6 +641,79 @@ BusTo = Annotated[
 ]
 
 
+class RateLimit(_Model):
+    """A connector's rate limit: a token bucket per key (`bridge.runtime.ratelimit`)."""
+
+    max: float = Field(
+        gt=0, le=1_000_000, description="Messages per second per key (0.2: one every 5 s)"
+    )
+    burst: int = Field(
+        1, ge=1, le=100_000, description="Messages a key may send at once after a quiet spell"
+    )
+    key: str | None = Field(
+        None,
+        description="Template over the route's placeholders naming the key, e.g."
+        " '{participant}/{key}'; default: one key for the whole route",
+    )
+    policy: Literal["latest", "drop_oldest", "drop_newest"] = Field(
+        "latest",
+        description="Over the rate: latest (hold one message per key, a newer one replaces it,"
+        " sent when the rate allows: counted coalesced), drop_oldest (hold up to `queue`"
+        " messages per key, sent in order; the oldest dropped when full), drop_newest (drop"
+        " the message). Dropped ones are counted dropped.rate_limited",
+    )
+    queue: int = Field(100, ge=1, le=100_000, description="drop_oldest: messages held per key")
+    max_keys: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="Keys tracked at once; the least recently used idle one is forgotten",
+    )
+
+
+class LatchSettings(_Model):
+    """The last values a latched bus-to-room route keeps for late joiners."""
+
+    max_keys: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="Bus topics (per room) kept; the least recently updated is evicted",
+    )
+
+
+ParticipantKind = Literal["standard", "agent", "sip", "egress", "ingress"]
+
+
+class ParticipantCondition(_Model):
+    """A condition on a participant (`bridge.rules`): every key given must match."""
+
+    identity: str | None = Field(None, min_length=1, description="Glob on the identity")
+    kind: list[ParticipantKind] | None = Field(
+        None, description="LiveKit's participant kind, or a list of kinds"
+    )
+    attributes: dict[str, str] = Field(
+        default_factory=dict, description="Attribute key -> glob on its value ('' when unset)"
+    )
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _one_kind(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _something(self) -> ParticipantCondition:
+        if self.identity is None and self.kind is None and not self.attributes:
+            raise ValueError("a condition needs identity, kind or attributes")
+        return self
+
+
+Latched = Annotated[
+    Annotated[bool, Tag("bool")] | Annotated[LatchSettings, Tag("settings")],
+    Discriminator(lambda v: "settings" if isinstance(v, (dict, LatchSettings)) else "bool"),
+]
+
+
 class ConnectorConfig(_Model):
     """One route: from a room to a bus, or from a bus to a room."""
 
@@ -651,6 +735,40 @@ class ConnectorConfig(_Model):
         " it: the bus keeps it, and it withholds every later acknowledgement of its MQTT"
         " connection or Kafka partition). Default: dead_letter when `dead_letter` is set,"
         " otherwise drop",
+    )
+    rate: RateLimit | None = Field(
+        None,
+        description="At most `max` messages per second per key, the rest coalesced or dropped"
+        " by `policy` (see Connectors: rate limits)",
+    )
+    latched: Latched = Field(
+        False,
+        description="Bus to room, packet targets: keep the last value per bus topic (MQTT"
+        " topic, Kafka topic and key) and send it to each participant that joins later,"
+        " addressed to it. true, or {max_keys: N}",
+    )
+    map: dict[str, str] | None = Field(
+        None,
+        description="Replace the payload by a JSON object built from templates: output field"
+        " name -> template, e.g. {id: '{payload.device_id}', site: '{site}'}; a value that is"
+        " exactly one {payload.x} reference copies that JSON value as is, any other value is a"
+        " string",
+    )
+    where: str | None = Field(
+        None,
+        description="Filter: a CEL expression over the route's placeholders (strings),"
+        " `headers` (map) and `payload` (the JSON payload), e.g. 'payload.temp > 30 && device"
+        ' == "d7"\'; messages for which it is not true are counted filtered and acknowledged',
+    )
+    allow: list[ParticipantCondition] = Field(
+        default_factory=list,
+        description="Only participants matching one of these conditions: the sender (from a"
+        " room) or the destination identities (to a room)",
+    )
+    deny: list[ParticipantCondition] = Field(
+        default_factory=list,
+        description="Never participants matching one of these conditions (checked before"
+        " `allow`); denied messages are counted denied",
     )
 
     @model_validator(mode="after")
@@ -675,6 +793,13 @@ class ConnectorConfig(_Model):
         if self.on_reject is not None:
             return self.on_reject
         return "dead_letter" if self.dead_letter is not None else "drop"
+
+    @property
+    def latch(self) -> LatchSettings | None:
+        """`latched` as settings, None when the route is not latched."""
+        if self.latched is True:
+            return LatchSettings()
+        return self.latched or None
 
 
 class SpoolSettings(_Model):
@@ -1073,6 +1198,8 @@ def _strip_tags(loc: tuple[Any, ...]) -> Path_:
             and loc[i - 1] in ("from", "from_", "to", "dead_letter")
         ):
             continue
+        if part in ("bool", "settings") and i > 0 and loc[i - 1] == "latched":
+            continue  # the tags of `Latched`
         path.append(part)
     return tuple(path)
 
@@ -1163,6 +1290,19 @@ ROOM_KIND_PLACEHOLDERS = {
 HEADER_PREFIX = "header."
 FIELD_PREFIX = "field."
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+# A field of a JSON payload, every direction: {payload.device_id}, {payload.pos.x},
+# {payload.items.0} (a digit-only step indexes a list).
+PAYLOAD_PREFIX = "payload."
+_PAYLOAD_REF = re.compile(r"payload(?:\.[A-Za-z0-9_-]+)+")
+
+
+def name_captures(source: RoomFrom) -> tuple[str, ...]:
+    """The captures of a room route's `room` and `participant` patterns (plant-{site})."""
+    out: tuple[str, ...] = ()
+    for pattern in (source.room, source.participant):
+        if "{" in pattern:
+            out += parse_name_pattern(pattern).captures
+    return out
 
 
 def placeholders(source: MqttFrom | KafkaFrom | RoomFrom) -> tuple[str, ...]:
@@ -1170,7 +1310,12 @@ def placeholders(source: MqttFrom | KafkaFrom | RoomFrom) -> tuple[str, ...]:
     if isinstance(source, RoomFrom):
         topic = getattr(getattr(source, source.kind), "topic", None)
         captures = parse_filter(topic).captures if isinstance(topic, str) and "{" in topic else ()
-        return ROOM_SOURCE_PLACEHOLDERS + ROOM_KIND_PLACEHOLDERS[source.kind] + captures
+        return (
+            ROOM_SOURCE_PLACEHOLDERS
+            + ROOM_KIND_PLACEHOLDERS[source.kind]
+            + captures
+            + name_captures(source)
+        )
     if isinstance(source, MqttFrom):
         return ("topic", "broker", *parse_filter(source.topic).captures)
     return ("topic", "key", "partition")
@@ -1179,11 +1324,12 @@ def placeholders(source: MqttFrom | KafkaFrom | RoomFrom) -> tuple[str, ...]:
 def route_placeholders(connector: ConnectorConfig) -> tuple[str, ...]:
     """The placeholders of a connector's templates.
 
-    Its source's, plus for bus-to-room RPC the ``{header.NAME}`` (and, with the JSON convention,
-    ``{field.NAME}``) placeholders its templates use.
+    Its source's, plus the ``{payload.PATH}`` fields its templates use, plus for bus-to-room
+    RPC the ``{header.NAME}`` (and, with the JSON convention, ``{field.NAME}``) placeholders its
+    templates use.
     """
     source = connector.from_
-    known = placeholders(source)
+    known = placeholders(source) + payload_references(connector)
     to = connector.to
     if not (isinstance(to, RoomTo) and to.rpc is not None) or isinstance(source, RoomFrom):
         return known
@@ -1198,6 +1344,59 @@ def route_placeholders(connector: ConnectorConfig) -> tuple[str, ...]:
             if any(name.startswith(p) and len(name) > len(p) for p in prefixes):
                 extra.add(name)
     return known + tuple(sorted(extra))
+
+
+def payload_references(connector: ConnectorConfig) -> tuple[str, ...]:
+    """The ``{payload.PATH}`` fields the connector's templates (and `map`) use, sorted."""
+    found = {
+        name
+        for _, text, _ in _templates(connector)
+        for name in _PLACEHOLDER.findall(text)
+        if _PAYLOAD_REF.fullmatch(name)
+    }
+    return tuple(sorted(found))
+
+
+def _capture_problems(source: RoomFrom) -> Iterator[tuple[Path_, str]]:
+    """Bad captures of `room` / `participant` (and names shared with the topic's captures)."""
+    kind = source.kind
+    builtin = set(ROOM_SOURCE_PLACEHOLDERS + ROOM_KIND_PLACEHOLDERS[kind])
+    topic = getattr(getattr(source, kind), "topic", None)
+    seen = set(parse_filter(topic).captures) if isinstance(topic, str) and "{" in topic else set()
+    for attr in ("room", "participant"):
+        pattern = getattr(source, attr)
+        if "{" not in pattern and "}" not in pattern:
+            continue
+        where: Path_ = ("from", attr)
+        if kind == "rpc":
+            yield where, "captures are not available on rpc routes (use a glob: * ? [...])"
+            continue
+        if attr == "participant" and kind == "room_metadata":
+            yield where, "room_metadata has no participant to capture from"
+            continue
+        try:
+            captures = parse_name_pattern(pattern).captures
+        except TemplateError as exc:
+            yield where, str(exc)
+            continue
+        for name in captures:
+            if name in builtin:
+                yield where, f"capture {{{name}}} has the name of a built-in placeholder"
+            elif name in seen:
+                yield where, f"capture {{{name}}} is captured twice (room, participant, topic)"
+            seen.add(name)
+
+
+def _map_problems(connector: ConnectorConfig) -> Iterator[tuple[Path_, str]]:
+    if connector.map is None:
+        return
+    if isinstance(connector.to, RoomTo) and connector.to.rpc is not None:
+        yield ("map",), "map does not apply to rpc targets (the request payload goes as is)"
+    if not connector.map:
+        yield ("map",), "map is empty: give at least one output field"
+    for name in connector.map:
+        if not name:
+            yield ("map",), "an output field name is empty"
 
 
 def _json_reply(source: MqttFrom) -> bool:
@@ -1277,7 +1476,19 @@ def check_references(config: Config) -> Iterator[tuple[Path_, str]]:
                 where = ("from", kind, "topic") if kind else ("from", "topic")
                 yield (*base, *where), str(exc)
                 continue
+        if isinstance(source, RoomFrom):
+            captures = list(_capture_problems(source))
+            for path, problem in captures:
+                yield (*base, *path), problem
+            if captures:
+                continue
+        for path, problem in _map_problems(connector):
+            yield (*base, *path), problem
         for path, problem in _rpc_problems(config, connector):
+            yield (*base, *path), problem
+        for path, problem in _rate_and_latch_problems(connector):
+            yield (*base, *path), problem
+        for path, problem in _rules_problems(connector):
             yield (*base, *path), problem
         known = route_placeholders(connector)
         for path, text, target in _templates(connector):
@@ -1287,7 +1498,52 @@ def check_references(config: Config) -> Iterator[tuple[Path_, str]]:
                 yield (*base, *path), str(exc)
 
 
+def _rules_problems(connector: ConnectorConfig) -> Iterator[tuple[Path_, str]]:
+    """`where` compiles over the route's names; `allow`/`deny` have a participant to judge."""
+    source, to = connector.from_, connector.to
+    if connector.where is not None:
+        try:
+            where = compile_where(connector.where, route_placeholders(connector))
+        except RuleError as exc:
+            yield ("where",), str(exc)
+        else:
+            kind = source.kind if isinstance(source, RoomFrom) else ""
+            if where.uses_payload and kind in ("text_stream", "byte_stream"):
+                yield (
+                    ("where",),
+                    f"a {kind} route chooses its streams before their content arrives:"
+                    " `payload` is not available (use topic, participant, headers...)",
+                )
+    if not (connector.allow or connector.deny):
+        return
+    key = "allow" if connector.allow else "deny"
+    if isinstance(source, RoomFrom) and source.kind == "room_metadata":
+        yield (key,), "room_metadata has no participant for allow/deny to judge"
+    if isinstance(to, RoomTo):
+        spec = getattr(to, to.kind)
+        if to.kind in ("attribute", "room_metadata") or (
+            to.kind in ("packet", "text_stream", "byte_stream") and not spec.destinations
+        ):
+            yield (
+                (key,),
+                "on a bus-to-room connector allow/deny judge the destination identities: the"
+                f" {to.kind} target needs destinations (or an identity)",
+            )
+
+
+def _rate_and_latch_problems(connector: ConnectorConfig) -> Iterator[tuple[Path_, str]]:
+    rpc = isinstance(connector.to, RoomTo) and connector.to.rpc is not None
+    if connector.rate is not None and (rpc or getattr(connector.from_, "rpc", None) is not None):
+        yield ("rate",), "rate limits do not apply to rpc connectors"
+    if connector.latched is not False and not (
+        isinstance(connector.to, RoomTo) and connector.to.packet is not None
+    ):
+        yield ("latched",), "applies only to a bus-to-room connector whose target is a packet"
+
+
 def _templates(connector: ConnectorConfig) -> Iterator[tuple[Path_, str, Target]]:
+    if connector.rate is not None and connector.rate.key is not None:
+        yield ("rate", "key"), connector.rate.key, Target.TEXT
     source = connector.from_
     if isinstance(source, MqttFrom) and source.reply is not None and source.reply.reply_topic:
         yield ("from", "reply", "reply_topic"), source.reply.reply_topic, Target.MQTT_TOPIC
@@ -1312,6 +1568,8 @@ def _templates(connector: ConnectorConfig) -> Iterator[tuple[Path_, str, Target]
                 yield (side, kind, "destinations", j), dest, Target.TEXT
             for name, value in getattr(spec, "attributes", {}).items():
                 yield (side, kind, "attributes", name), value, Target.TEXT
+    for name, value in (connector.map or {}).items():
+        yield ("map", name), value, Target.TEXT
 
 
 def json_schema() -> dict[str, Any]:

@@ -122,7 +122,8 @@ METRICS: tuple[MetricDef, ...] = (
     ),
     _route(
         "roombus_route_dropped_total",
-        "Messages dropped by reason (a rejection without dead letter, or a full buffer: overflow)",
+        "Messages dropped by reason (a rejection without dead letter, a full buffer: overflow,"
+        " over the route's rate: rate_limited)",
         "dropped.{reason}",
         "reason",
     ),
@@ -145,6 +146,34 @@ METRICS: tuple[MetricDef, ...] = (
         "roombus_route_expired_total",
         "Bus messages whose MQTT 5 message expiry passed before delivery",
         "expired",
+    ),
+    _route(
+        "roombus_route_coalesced_total",
+        "Messages over the route's rate replaced by a newer one of the same key (rate policy"
+        " latest); bus messages are acknowledged when replaced",
+        "coalesced",
+    ),
+    _route(
+        "roombus_route_latched_sent_total",
+        "Latched values sent to participants that joined later (bus-to-room, latched: true)",
+        "latched_sent",
+    ),
+    _route(
+        "roombus_route_latched_evicted_total",
+        "Latched values forgotten because the route held latched.max_keys topics",
+        "latched_evicted",
+    ),
+    _route(
+        "roombus_route_filtered_total",
+        "Messages the route's `where:` filter let not through (false, or an evaluation error),"
+        " acknowledged and never dead-lettered",
+        "filtered",
+    ),
+    _route(
+        "roombus_route_denied_total",
+        "Messages and RPC calls the route's allow/deny rules refused: a sender, a caller or a"
+        " destination identity",
+        "denied",
     ),
     MetricDef(
         "roombus_route_retries_total",

@@ -7,6 +7,11 @@ functions here never do I/O: `ToBusRoute.outbound` builds the message a sink pub
 delivers. Values that participants or devices control are checked by `bridge.topics` as they are
 inserted; a bad one raises `RejectedMessage` (counted by the runtime, dead-lettered if
 configured, never published).
+
+``{payload.PATH}`` fields and a connector's `map` read the message's JSON payload: it is parsed
+once per message, and only on routes whose templates use such fields (`PayloadFields`); a
+payload that is not JSON, or lacks a field, rejects the message (``malformed_json``,
+``payload_field_missing``, ``payload_field_not_scalar``).
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from bridge.config import (
+    PAYLOAD_PREFIX,
     ByteStreamFrom,
     Config,
     ConnectorConfig,
@@ -34,13 +40,16 @@ from bridge.config import (
 )
 from bridge.envelope import H_CONTENT_TYPE, H_SOURCE, Envelope, Outbound
 from bridge.errors import RejectedMessage
+from bridge.rules import RouteRules, compile_rules
 from bridge.topics import (
+    NamePattern,
     Target,
     Template,
     TemplateValueError,
     TopicFilter,
     glob_match,
     parse_filter,
+    parse_name_pattern,
     parse_template,
 )
 
@@ -73,6 +82,15 @@ class BusTarget:
     qos: int = 1
     retain: bool = False
     format: str = "raw"
+    payload_map: PayloadMap | None = None  # the connector's `map` (main targets only)
+    # The {payload.x} fields of the templates (and of the map): parsed from the payload.
+    fields: PayloadFields = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        templates = [self.topic, *([self.key] if self.key else []), *self.headers.values()]
+        if self.payload_map is not None:
+            templates += self.payload_map.templates
+        object.__setattr__(self, "fields", PayloadFields.of(templates))
 
     @property
     def endpoint(self) -> str:
@@ -80,8 +98,14 @@ class BusTarget:
         return f"{self.bus}:{self.name}"
 
     @classmethod
-    def of(cls, spec: MqttTo | KafkaTo, known: tuple[str, ...]) -> BusTarget:
-        """Compile a bus endpoint of the config."""
+    def of(
+        cls,
+        spec: MqttTo | KafkaTo,
+        known: tuple[str, ...],
+        mapping: Mapping[str, str] | None = None,
+    ) -> BusTarget:
+        """Compile a bus endpoint of the config (with the connector's `map`, if any)."""
+        payload_map = PayloadMap.of(mapping, known) if mapping is not None else None
         if isinstance(spec, MqttTo):
             return cls(
                 "mqtt",
@@ -90,6 +114,7 @@ class BusTarget:
                 qos=spec.qos,
                 retain=spec.retain,
                 format=spec.format,
+                payload_map=payload_map,
             )
         return cls(
             "kafka",
@@ -98,6 +123,7 @@ class BusTarget:
             key=parse_template(spec.key, known, Target.TEXT) if spec.key else None,
             headers={k: parse_template(v, known, Target.TEXT) for k, v in spec.headers.items()},
             format=spec.format,
+            payload_map=payload_map,
         )
 
     def outbound(
@@ -112,6 +138,10 @@ class BusTarget:
     ) -> Outbound:
         """The message to publish; raises `RejectedMessage` for a value a template refuses."""
         target = Target.MQTT_TOPIC if self.bus == "mqtt" else Target.KAFKA_TOPIC
+        if self.fields or self.payload_map is not None:
+            payload, values = self._payload_step(payload, values)
+            if self.payload_map is not None and payload is not None:
+                content_type = "application/json"
         try:
             topic = self.topic.render(values, target)
             key = self.key.render(values, Target.TEXT) if self.key else default_key
@@ -134,6 +164,28 @@ class BusTarget:
             retain=self.retain,
         )
 
+    def _payload_step(
+        self, payload: bytes | None, values: Mapping[str, str]
+    ) -> tuple[bytes | None, Mapping[str, str]]:
+        """The payload fields added to `values`, and the payload `map` builds (if any).
+
+        A delete (no payload) stays a delete; templates cannot read fields from it.
+        """
+        if payload is None:
+            if self.fields:
+                raise RejectedMessage(
+                    "payload_field_missing", "a delete has no payload to read fields from"
+                )
+            return payload, values
+        doc: object = None
+        if self.fields or (self.payload_map is not None and self.payload_map.needs_doc):
+            doc = parse_json_payload(payload)
+            if self.fields:
+                values = self.fields.add_to(values, doc)
+        if self.payload_map is not None:
+            payload = self.payload_map.build(values, doc)
+        return payload, values
+
 
 @dataclass(frozen=True)
 class ToBusRoute:
@@ -146,6 +198,14 @@ class ToBusRoute:
     # A LiveKit topic pattern with named captures (``command/{device}``), else None (a glob).
     topic_filter: TopicFilter | None = None
     on_reject: str = "drop"  # dead_letter | drop (see bridge.runtime.dead_letter)
+    rules: RouteRules | None = None  # where / allow / deny (bridge.rules)
+    # `source.room` and `source.participant`, compiled: globs that may capture (plant-{site}).
+    room_pattern: NamePattern = field(init=False, repr=False, compare=False)
+    participant_pattern: NamePattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "room_pattern", parse_name_pattern(self.source.room))
+        object.__setattr__(self, "participant_pattern", parse_name_pattern(self.source.participant))
 
     @property
     def kind(self) -> str:
@@ -154,15 +214,15 @@ class ToBusRoute:
 
     def wants_room(self, room: str) -> bool:
         """Whether the route listens to `room`."""
-        return glob_match(self.source.room, room)
+        return self.room_pattern.matches(room)
 
     def wants(self, message: RoomMessage) -> bool:
         """Whether `message` (already of this route's kind) passes the route's filters."""
         values = message.values
-        if not glob_match(self.source.room, values.get("room", "")):
+        if not self.room_pattern.matches(values.get("room", "")):
             return False
-        if self.kind not in ("room_metadata",) and not glob_match(
-            self.source.participant, values.get("participant", "")
+        if self.kind not in ("room_metadata",) and not self.participant_pattern.matches(
+            values.get("participant", "")
         ):
             return False
         spec = getattr(self.source, self.kind)
@@ -184,10 +244,14 @@ class ToBusRoute:
         return True
 
     def values(self, message: RoomMessage) -> dict[str, str]:
-        """The placeholder values of `message` on this route (with the topic's captures)."""
+        """The placeholder values of `message` on this route (with the captures)."""
         values = dict(message.values)
         if self.topic_filter is not None:
             values.update(self.topic_filter.match(values.get("topic", "")) or {})
+        if self.room_pattern.captures:
+            values.update(self.room_pattern.match(values.get("room", "")) or {})
+        if self.participant_pattern.captures:
+            values.update(self.participant_pattern.match(values.get("participant", "")) or {})
         return values
 
 
@@ -210,10 +274,25 @@ class RoomTarget:
     destination: Template | None = None
     method: Template | None = None
     rpc: RpcTo | None = None
+    payload_map: PayloadMap | None = None  # the connector's `map`
+
+    @property
+    def templates(self) -> list[Template]:
+        """Every template of the target."""
+        maybe = (self.topic, self.name, self.key, self.identity, self.destination, self.method)
+        return [
+            self.room,
+            *(t for t in maybe if t is not None),
+            *self.destinations,
+            *self.attributes.values(),
+            *(self.payload_map.templates if self.payload_map else ()),
+        ]
 
     @classmethod
-    def of(cls, spec: RoomTo, known: tuple[str, ...]) -> RoomTarget:
-        """Compile a room endpoint of the config."""
+    def of(
+        cls, spec: RoomTo, known: tuple[str, ...], mapping: Mapping[str, str] | None = None
+    ) -> RoomTarget:
+        """Compile a room endpoint of the config (with the connector's `map`, if any)."""
         kind = spec.kind
         sub = getattr(spec, kind)
 
@@ -240,6 +319,7 @@ class RoomTarget:
             destination=t(getattr(sub, "destination", None)),
             method=t(getattr(sub, "method", None)),
             rpc=spec.rpc,
+            payload_map=PayloadMap.of(mapping, known) if mapping is not None else None,
         )
 
 
@@ -274,6 +354,13 @@ class ToRoomRoute:
     # rpc with the MQTT 3.1.1 convention: where replies go
     reply_topic: Template | None = None
     on_reject: str = "drop"  # dead_letter | drop | hold (see bridge.runtime.dead_letter)
+    rules: RouteRules | None = None  # where / allow / deny (bridge.rules)
+    # The {payload.x} fields of the templates: parsed from the payload (after `format`).
+    fields: PayloadFields = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        templates = self.target.templates + ([self.reply_topic] if self.reply_topic else [])
+        object.__setattr__(self, "fields", PayloadFields.of(templates))
 
     def match(self, envelope: Envelope) -> dict[str, str] | None:
         """The placeholder values if `envelope` belongs to this route, else None."""
@@ -282,20 +369,38 @@ class ToRoomRoute:
             captures = self.filter.match(envelope.topic)
             if captures is None:
                 return None
-            return {**captures, "topic": envelope.topic, "broker": self.source.mqtt}
-        if envelope.topic not in self.source.topics:
-            return None
-        key = envelope.key.decode("utf-8", "replace") if envelope.key else ""
-        return {
-            "topic": envelope.topic,
-            "key": key,
-            "partition": "" if envelope.partition is None else str(envelope.partition),
-        }
+            values = {**captures, "topic": envelope.topic, "broker": self.source.mqtt}
+        else:
+            if envelope.topic not in self.source.topics:
+                return None
+            key = envelope.key.decode("utf-8", "replace") if envelope.key else ""
+            values = {
+                "topic": envelope.topic,
+                "key": key,
+                "partition": "" if envelope.partition is None else str(envelope.partition),
+            }
+        if self.fields and self.target.kind == "rpc":
+            # The RPC bridge renders from these values: a field it lacks fails the call there
+            # (an RPC error reply), so what cannot be read is left out here.
+            try:
+                payload = decode_payload(envelope.payload, self.source.format)[0]
+                return dict(self.fields.add_to(values, parse_json_payload(payload)))
+            except RejectedMessage:
+                return values
+        return values
 
     def delivery(self, envelope: Envelope, values: Mapping[str, str]) -> RoomDelivery:
         """Render the delivery of `envelope`; raises `RejectedMessage`."""
         payload, content_type = decode_payload(envelope.payload, self.source.format)
         target = self.target
+        if self.fields or target.payload_map is not None:
+            doc: object = None
+            if self.fields or (target.payload_map is not None and target.payload_map.needs_doc):
+                doc = parse_json_payload(payload)
+                values = self.fields.add_to(values, doc)
+            if target.payload_map is not None:
+                payload = target.payload_map.build(values, doc)
+                content_type = "application/json"
         try:
             return RoomDelivery(
                 room=target.room.render(values, Target.ROOM),
@@ -331,10 +436,11 @@ def compile_route(connector: ConnectorConfig) -> Route:
         return ToBusRoute(
             connector.name,
             source,
-            BusTarget.of(connector.to, known),
+            BusTarget.of(connector.to, known, connector.map),
             dead,
             flt,
             on_reject=connector.reject_policy,
+            rules=compile_rules(connector.where, connector.allow, connector.deny, known),
         )
     assert isinstance(connector.to, RoomTo)
     flt = parse_filter(source.topic) if isinstance(source, MqttFrom) else None
@@ -345,10 +451,11 @@ def compile_route(connector: ConnectorConfig) -> Route:
         connector.name,
         source,
         flt,
-        RoomTarget.of(connector.to, known),
+        RoomTarget.of(connector.to, known, connector.map),
         dead,
         reply_topic,
         on_reject=connector.reject_policy,
+        rules=compile_rules(connector.where, connector.allow, connector.deny, known),
     )
 
 
@@ -415,6 +522,120 @@ def decode_payload(body: bytes, fmt: str) -> tuple[bytes, str | None]:
         except (binascii.Error, ValueError) as exc:
             raise RejectedMessage("malformed_base64", str(exc)) from exc
     raise RejectedMessage("malformed_json", f"unknown encoding {encoding!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadFields:
+    """The ``{payload.PATH}`` fields a route's templates use, with their paths split once."""
+
+    paths: tuple[tuple[str, tuple[str, ...]], ...]  # (placeholder, steps)
+
+    @classmethod
+    def of(cls, templates: Iterable[Template]) -> PayloadFields:
+        """The payload fields of `templates`."""
+        names = sorted({f for t in templates for f in t.fields if f.startswith(PAYLOAD_PREFIX)})
+        return cls(tuple((n, tuple(n.split(".")[1:])) for n in names))
+
+    def __bool__(self) -> bool:
+        return bool(self.paths)
+
+    def add_to(self, values: Mapping[str, str], doc: object) -> dict[str, str]:
+        """`values` with the text of every field of `doc`; raises `RejectedMessage`."""
+        out = dict(values)
+        for name, steps in self.paths:
+            value = payload_field(doc, name, steps)
+            # Strings, the usual case, without a call.
+            out[name] = value if type(value) is str else field_text(name, value)
+        return out
+
+
+_ABSENT = object()
+
+
+def parse_json_payload(payload: bytes) -> object:
+    """The JSON document of a payload whose fields templates read; raises `RejectedMessage`."""
+    if len(payload) > MAX_JSON_BYTES:
+        raise RejectedMessage("json_too_large", f"{len(payload)} bytes > {MAX_JSON_BYTES}")
+    try:
+        return json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RejectedMessage("malformed_json", f"payload is not JSON: {str(exc)[:200]}") from exc
+    except RecursionError as exc:
+        raise RejectedMessage("malformed_json", "payload nested too deeply") from exc
+
+
+def payload_field(doc: object, name: str, steps: tuple[str, ...]) -> object:
+    """The value at `steps` of `doc` (a digit-only step indexes a list); else `RejectedMessage`."""
+    value = doc
+    for step in steps:
+        if type(value) is dict:
+            value = value.get(step, _ABSENT)
+        elif isinstance(value, list) and step.isdigit() and int(step) < len(value):
+            value = value[int(step)]
+        else:
+            value = _ABSENT
+        if value is _ABSENT or value is None:
+            raise RejectedMessage("payload_field_missing", f"the payload has no {{{name}}}")
+    return value
+
+
+def field_text(name: str, value: object) -> str:
+    """A JSON scalar as template text: strings as they are, numbers and booleans in JSON."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list)):
+        what = "an object" if isinstance(value, dict) else "an array"
+        raise RejectedMessage("payload_field_not_scalar", f"{{{name}}} is {what}, not a value")
+    return json.dumps(value)
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadMap:
+    """A connector's `map`: the JSON object that replaces the payload, one template per field."""
+
+    # (output field, template, placeholder when the template is exactly one {payload.x})
+    entries: tuple[tuple[str, Template, tuple[str, tuple[str, ...]] | None], ...]
+
+    @classmethod
+    def of(cls, mapping: Mapping[str, str], known: tuple[str, ...]) -> PayloadMap:
+        """Compile `map` (validated by the config: its templates parse)."""
+        entries = []
+        for out, text in mapping.items():
+            template = parse_template(text, known, Target.TEXT)
+            parts = template.parts
+            whole = (
+                parts[0][0]
+                if len(parts) == 1
+                and isinstance(parts[0], tuple)
+                and parts[0][0].startswith(PAYLOAD_PREFIX)
+                else None
+            )
+            ref = (whole, tuple(whole.split(".")[1:])) if whole else None
+            entries.append((out, template, ref))
+        return cls(tuple(entries))
+
+    @property
+    def templates(self) -> list[Template]:
+        """The templates rendered as text (not those copying a JSON value as is)."""
+        return [t for _, t, ref in self.entries if ref is None]
+
+    @property
+    def needs_doc(self) -> bool:
+        """Whether a field copies a JSON value of the payload."""
+        return any(ref is not None for _, _, ref in self.entries)
+
+    def build(self, values: Mapping[str, str], doc: object) -> bytes:
+        """The new payload; raises `RejectedMessage`."""
+        out: dict[str, object] = {}
+        for name, template, ref in self.entries:
+            if ref is not None:
+                out[name] = payload_field(doc, *ref)
+                continue
+            try:
+                out[name] = template.render(values, Target.TEXT)
+            except TemplateValueError as exc:
+                raise RejectedMessage("bad_template_value", str(exc)) from exc
+        return json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _depth(value: object, level: int = 0) -> int:

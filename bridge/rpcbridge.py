@@ -34,7 +34,10 @@ Error codes are LiveKit's, one to one (1400-1404, 1500-1505, and a handler's own
 bridge answers some itself: an identity not in the room gets 1401 RECIPIENT_NOT_FOUND at once
 (the SFU would drop the call silently and the caller see 1501 after 7 s); a room the bridge does
 not join 1401 too; a request over ``max_request_bytes`` 1402; a response over
-``max_response_bytes`` 1504; a request whose deadline passed before it could run 1502.
+``max_response_bytes`` 1504; a request whose deadline passed before it could run 1502. A call
+the route's ``allow``/``deny`` rules refuse (a room-to-bus caller, a bus-to-room destination)
+gets 1400 UNSUPPORTED_METHOD with data ``permission denied`` (LiveKit has no permission code;
+counted ``route.<name>.denied``), and a room-to-bus call its ``where:`` filters out 1400 too.
 
 Deadline: min(``rpc.timeout``, the MQTT 5 message expiry left, the ``rpc-deadline`` header or
 field in epoch milliseconds). The callee is told max(deadline, 8 s) like the JS SDK does (our
@@ -99,6 +102,7 @@ from bridge.room.errors import RpcError
 from bridge.room.rpc import RpcHandler, RpcInvocationData
 from bridge.room.types import Counters
 from bridge.router import MAX_JSON_BYTES, ToBusRoute, ToRoomRoute, decode_payload
+from bridge.rules import Participant
 from bridge.runtime.dead_letter import Rejected, Rejections
 from bridge.statefiles import private_dir, private_file
 from bridge.topics import Target, TemplateValueError, glob_match
@@ -120,6 +124,9 @@ REPLY_ATTEMPTS = 5
 LATE_MEMORY = 10_000  # correlation ids of timed-out room-to-bus calls remembered
 _KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _GLOB_CHARS = set("*?[")
+# The data of the 1400 UNSUPPORTED_METHOD error a route's allow/deny rules answer with: LiveKit
+# has no permission code, and "not supported for you" is the built-in code that fits.
+PERMISSION_DENIED = "permission denied"
 
 
 # ----------------------------------------------------------------------------- outcomes
@@ -578,9 +585,13 @@ class RpcBridge:
         except TimeoutError:
             return RpcOutcome.builtin(RpcError.SEND_FAILED, "Room not connected")
         left = request.timeout - (time.monotonic() - started)
-        if room.participant_info(destination) is None:
+        info = room.participant_info(destination)
+        if info is None:
             self.c.inc(f"{prefix}.rpc_unknown_participant")
             return RpcOutcome.builtin(RpcError.RECIPIENT_NOT_FOUND)
+        if route.rules is not None and not route.rules.permits(Participant.of(destination, info)):
+            self.c.inc(f"{prefix}.denied")
+            return RpcOutcome.builtin(RpcError.UNSUPPORTED_METHOD, PERMISSION_DENIED)
         if left <= 0:
             return RpcOutcome.builtin(RpcError.RESPONSE_TIMEOUT)
         try:
@@ -707,6 +718,8 @@ class RpcBridge:
             route = self._route_for(routes, data.method, data.caller_identity)
             if route is None:
                 raise RpcError.builtin(RpcError.UNSUPPORTED_METHOD)
+            if route.rules is not None and not self._admits(link, route, data):
+                raise RpcError.builtin(RpcError.UNSUPPORTED_METHOD, PERMISSION_DENIED)
             started = time.monotonic()
             try:
                 result = await self._call_bus(link, route, data)
@@ -717,6 +730,37 @@ class RpcBridge:
             return result
 
         return handle
+
+    def _admits(self, link: JoinedRoom, route: ToBusRoute, data: RpcInvocationData) -> bool:
+        """Whether the route's access rules and `where` let this call through (counted if not)."""
+        rules = route.rules
+        assert rules is not None
+        caller = data.caller_identity
+        room = link.room
+        if rules.access is not None:
+            info = room.participant_info(caller) if room is not None else None
+            if not rules.permits(Participant.of(caller, info)):
+                self.c.inc(f"route.{route.name}.denied")
+                self._record(route.name, time.monotonic(), RpcError.UNSUPPORTED_METHOD)
+                return False
+        if rules.where is not None:
+            values = {
+                "room": link.name,
+                "room_sid": room.sid if room else "",
+                "participant": caller,
+                "participant_sid": link.sender_sid(caller),
+                "kind": "rpc",
+                "method": data.method,
+                "request_id": data.request_id,
+            }
+            why = rules.filtered(values, {}, data.payload.encode())
+            if why is not None:
+                self.c.inc(f"route.{route.name}.filtered")
+                if why != "false":
+                    self.c.note_error(route.name, f"filtered: {why}")
+                self._record(route.name, time.monotonic(), RpcError.UNSUPPORTED_METHOD)
+                return False
+        return True
 
     def _record(self, route: str, started: float, code: int | None) -> None:
         """Count one call's outcome (`code` None: ok) and observe how long it took."""

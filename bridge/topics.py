@@ -10,6 +10,10 @@
   turn into an MQTT wildcard, an extra topic level or an invalid Kafka topic — it is rejected
   (`TemplateValueError`) and the message counted, never published.
 * `glob_match`: shell-style globs for room names, identities and LiveKit topics.
+* `NamePattern`: a glob that may also hold named captures, ``plant-{site}`` (room names and
+  identities): each ``{name}`` matches one or more characters of any kind; when several
+  captures could split a value, the earlier ones take as few characters as possible
+  (``{a}-{b}`` on ``x-y-z``: a=x, b=y-z). ``*``, ``?`` and ``[...]`` keep their glob meaning.
 """
 
 from __future__ import annotations
@@ -242,3 +246,63 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
 def glob_match(pattern: str, value: str) -> bool:
     """Shell-style match (``*``, ``?``, ``[...]``), case-sensitive."""
     return _glob_regex(pattern).match(value) is not None
+
+
+_CAPTURE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Stand-ins for the captures while fnmatch translates the rest of the pattern: private-use
+# characters, which re.escape leaves alone and room names and identities do not contain.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+
+
+@dataclass(frozen=True, slots=True)
+class NamePattern:
+    """A glob with named captures for room names and identities (see the module docstring)."""
+
+    source: str
+    regex: re.Pattern[str]
+    captures: tuple[str, ...]
+
+    def match(self, value: str) -> dict[str, str] | None:
+        """The captures if `value` matches (an empty dict without captures), else None."""
+        found = self.regex.match(value)
+        return None if found is None else found.groupdict()
+
+    def matches(self, value: str) -> bool:
+        """Whether `value` matches."""
+        return self.regex.match(value) is not None
+
+
+@lru_cache(maxsize=1024)
+def parse_name_pattern(text: str) -> NamePattern:
+    """Parse a glob whose ``{name}`` fields are captures; raises `TemplateError`."""
+    names: list[str] = []
+
+    def stand_in(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if not name:
+            raise TemplateError(f"empty capture {{}} in {text!r}")
+        if not _CAPTURE_NAME.match(name):
+            raise TemplateError(
+                f"invalid capture {{{name}}} in {text!r} (letters, digits and _, "
+                "not starting with a digit)"
+            )
+        if name in names:
+            raise TemplateError(f"capture {{{name}}} appears twice in {text!r}")
+        names.append(name)
+        return f"{_OPEN}{len(names) - 1}{_CLOSE}"
+
+    if _OPEN in text or _CLOSE in text:
+        raise TemplateError(f"{text!r} contains reserved characters U+E000/U+E001")
+    marked = _FIELD.sub(stand_in, text)
+    if "{" in marked or "}" in marked:
+        raise TemplateError(f"unbalanced braces in {text!r}")
+    translated = fnmatch.translate(marked)
+    for i, name in enumerate(names):
+        translated = translated.replace(f"{_OPEN}{i}{_CLOSE}", f"(?P<{name}>.+?)")
+    try:
+        regex = re.compile(translated)
+    except re.error as exc:  # a capture inside [...]
+        raise TemplateError(f"cannot use captures inside [...] in {text!r}") from exc
+    if set(regex.groupindex) != set(names):
+        raise TemplateError(f"cannot use captures inside [...] in {text!r}")
+    return NamePattern(text, regex, tuple(names))

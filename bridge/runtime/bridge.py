@@ -35,7 +35,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -51,9 +51,11 @@ from bridge.router import ToBusRoute, ToRoomRoute, compile_routes
 from bridge.rpcbridge import RpcBridge
 from bridge.runtime.dead_letter import Rejections
 from bridge.runtime.grants import needed_grants
+from bridge.runtime.latch import Latch
 from bridge.runtime.outbox import DurableQueue, OutboundCodec, Outbox
 from bridge.runtime.publisher import Publisher
 from bridge.runtime.pump import BusPump
+from bridge.runtime.ratelimit import RateSpec, rate_specs
 from bridge.runtime.reload import ReloadPlan, ReloadRefused, plan_reload
 from bridge.runtime.room_events import RoomEvents
 from bridge.runtime.room_link import RoomLink
@@ -157,7 +159,8 @@ class Bridge:
             bridge_id=self.bridge_id,
             mqtt5={name: broker.protocol == "5" for name, broker in config.mqtt.items()},
         )
-        self.room_sink = RoomSink(self.links, self.server_api)
+        self.latch = Latch(config.connectors, self.counters)  # values for late joiners
+        self.room_sink = RoomSink(self.links, self.server_api, self.latch)
         self.pumps = [self._pump(s) for s in endpoints.sources]
         self.ready = asyncio.Event()
         self.tasks: dict[str, str] = {}  # task name -> "running", "restarting: <error>", ...
@@ -186,6 +189,7 @@ class Bridge:
             window=settings.publish_window,
             spool=spooling.route(route.name, settings.overflow) if spooling else None,
             codec=spooling.codec if spooling else None,
+            rate=rate_specs(self.config.connectors).get(route.name),
         )
 
     def _pump(self, source: BusSource) -> BusPump:
@@ -200,7 +204,12 @@ class Bridge:
             counters=self.counters,
             bridge_id=self.bridge_id,
             max_in_flight=self.config.bridge.max_in_flight,
+            rates=self._rates(source.routes),
         )
+
+    def _rates(self, routes: Iterable[ToRoomRoute]) -> dict[str, RateSpec]:
+        names = {r.name for r in routes}
+        return {n: s for n, s in rate_specs(self.config.connectors).items() if n in names}
 
     # --------------------------------------------------------------- lifecycle
 
@@ -405,6 +414,9 @@ class Bridge:
                 if not await self._enter(sink):
                     self._enter_in_background(sink)
         self.config = new
+        self.latch.configure(new.connectors)
+        for pump in self.pumps:
+            pump.set_rates(self._rates(pump.routes))  # kept MQTT connections: changed limits
         # 3. What comes.
         for route in compile_routes(new):
             if route.name in {*plan.added, *plan.changed} and isinstance(route, ToBusRoute):
@@ -574,7 +586,9 @@ class Bridge:
         lk = self.config.livekit
         link = RoomLink(name, lk.url, self._token, self.counters, renew_token=lk.token is None)
         events = RoomEvents(link, self.outboxes, self.counters)
-        link.add_listeners(attach=(events.attach, self.rpc.attach), joined=(events.joined,))
+        link.add_listeners(
+            attach=(events.attach, self.rpc.attach, self.latch.attach), joined=(events.joined,)
+        )
         self.links[name] = link
         self._events[name] = events
         self._room_tasks[name] = self._spawn(f"room:{name}", link.run)

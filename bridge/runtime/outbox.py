@@ -12,7 +12,9 @@ templates (a bad value is a rejection, decided by the route's ``on_reject``) and
   order.
 
 At the buffer's limit the overflow policy drops the newest or the oldest message, counted as
-``route.<name>.dropped.overflow``.
+``route.<name>.dropped.overflow``. A route with a ``rate`` asks its `RateLimiter` first: what is
+over the rate is held (and rendered once released, from the limiter's timer that runs in this
+outbox's task), coalesced or dropped there; `drain` releases what it still holds.
 
 `window` workers publish concurrently: each takes the next message in buffer order and calls
 the sink at once, so the sink sees the calls in order (Kafka batches them with its linger and
@@ -34,6 +36,7 @@ from bridge.room.types import Counters
 from bridge.router import RoomMessage, ToBusRoute
 from bridge.runtime.dead_letter import Rejected, Rejections
 from bridge.runtime.publisher import Publisher
+from bridge.runtime.ratelimit import Decision, RateLimiter, RateSpec
 
 log = logging.getLogger("roombus.outbox")
 
@@ -88,6 +91,7 @@ class Outbox:
         window: int,
         spool: DurableQueue | None = None,
         codec: OutboundCodec | None = None,
+        rate: RateSpec | None = None,
     ) -> None:
         self.route = route
         self.name = route.name
@@ -112,6 +116,11 @@ class Outbox:
         self._read_after = 0  # the spool's last seq read into the buffer
         self._wake = asyncio.Event()
         self._in_flight = 0
+        self.limiter: RateLimiter[tuple[RoomMessage, dict[str, str]]] | None = None
+        if rate is not None:
+            self.limiter = RateLimiter(
+                route.name, rate, counters, release=lambda _key, item: self._take(*item)
+            )
 
     # ------------------------------------------------------------------ the room side
 
@@ -120,6 +129,14 @@ class Outbox:
         route = self.route
         self.counters.inc(f"{self._prefix}.received")
         values = route.values(message)
+        limiter = self.limiter
+        if limiter is not None and limiter.admit(values, (message, values)) is not Decision.PASS:
+            return  # held (rendered when released), or dropped: counted by the limiter
+        self._take(message, values)
+
+    def _take(self, message: RoomMessage, values: dict[str, str]) -> None:
+        """Render `message` and buffer it (or its rejection)."""
+        route = self.route
         try:
             out = route.target.outbound(
                 message.payload,
@@ -199,12 +216,16 @@ class Outbox:
         async with asyncio.TaskGroup() as tg:
             for i in range(self.window):
                 tg.create_task(self._worker(), name=f"roombus[{self.name}].publish-{i}")
+            if self.limiter is not None:
+                tg.create_task(self.limiter.run(), name=f"roombus[{self.name}].rate")
 
     async def drain(self) -> None:
         """Return once nothing is buffered or in flight (call after the rooms stopped).
 
         Polls: it runs once, at shutdown, under the caller's deadline.
         """
+        if self.limiter is not None:
+            self.limiter.flush()  # what the rate limit holds goes out now
         if self._unflushed:
             self._flush()
         while self.depth or self._in_flight:

@@ -11,11 +11,21 @@ A message is acknowledged once every route it matched delivered it into its room
 `RoomSink`); the source turns acknowledgements into protocol order itself (MQTT PUBACKs in
 arrival order, the Kafka commit at the highest contiguous offset). A rejected message is
 decided once by the route's ``on_reject`` (`Rejections`); a message that matches no route is
-counted and acknowledged. An exception that escapes a delivery is a bug: it is logged with its
+counted and acknowledged, and so is one a route's ``where:`` filters out
+(``route.<name>.filtered``). An exception that escapes a delivery is a bug: it is logged with its
 traceback and treated as a rejection (reason ``internal_error``), so a lane never dies.
 
 Lanes outlive their last message for `LANE_IDLE` seconds, so a steady stream of messages on a
 key reuses one task instead of creating one per message.
+
+A route with a ``rate`` asks its `RateLimiter` before delivering. A message it drops
+(``drop_newest``) counts as settled for that route; one it holds is settled later, by one
+worker task of the pump that delivers what the limiters release, in order. A message is
+acknowledged once every route settled it, so a held message is acknowledged after its delivery,
+or when a newer one replaced it (``latest``: counted ``coalesced``) or pushed it out
+(``drop_oldest``). Held messages delay the acknowledgements behind them on their connection or
+partition by at most the rate's interval. When reading ends, the limiters release what they
+hold at once (ignoring the rate) and it is delivered before `run` returns.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from bridge.endpoint import Inbound, Source
@@ -32,7 +42,9 @@ from bridge.envelope import H_SOURCE, Envelope
 from bridge.errors import RejectedMessage
 from bridge.room.types import Counters
 from bridge.router import RoomDelivery, ToRoomRoute
+from bridge.rules import RouteRules
 from bridge.runtime.dead_letter import Rejected, Rejections
+from bridge.runtime.ratelimit import Decision, RateLimiter, RateSpec
 
 if TYPE_CHECKING:
     from bridge.rpcbridge import RpcBridge
@@ -45,9 +57,39 @@ LANE_IDLE = 10.0
 class Deliveries(Protocol):
     """Where bus messages go (`bridge.runtime.room_sink.RoomSink`)."""
 
-    async def deliver(self, route: str, d: RoomDelivery, envelope: Envelope) -> None:
-        """Deliver `d`; `RejectedMessage` for a permanent refusal."""
+    async def deliver(
+        self, route: str, d: RoomDelivery, envelope: Envelope, rules: RouteRules | None
+    ) -> None:
+        """Deliver `d` (to identities `rules` permit); `RejectedMessage` for a refusal."""
         ...
+
+
+class _Ticket:
+    """A bus message that rate-limited routes hold: acknowledged once every route settled it."""
+
+    __slots__ = ("error", "inbound", "open", "settle", "waiting")
+
+    def __init__(self, inbound: Inbound[Envelope]) -> None:
+        self.inbound = inbound
+        self.waiting = 0  # routes still holding it
+        self.open = True  # `_handle` has not finished with it yet
+        self.settle = True
+        self.error: RejectedMessage | None = None
+
+    async def finish(self, ok: bool, error: RejectedMessage | None, *, close: bool = False) -> None:
+        """One route settled it (or, with `close`, every other route did)."""
+        if close:
+            self.open = False
+        else:
+            self.waiting -= 1
+        self.settle = self.settle and ok
+        self.error = self.error or error
+        if not self.waiting and not self.open and self.settle:
+            await self.inbound.ack(self.error)
+
+
+# (route, envelope, values, ticket): a message a rate limiter holds.
+_HeldItem = tuple[ToRoomRoute, Envelope, dict[str, str], _Ticket]
 
 
 class _Lane:
@@ -75,6 +117,7 @@ class BusPump:
         counters: Counters,
         bridge_id: str,
         max_in_flight: int,
+        rates: Mapping[str, RateSpec] | None = None,
     ) -> None:
         self.name = name
         self.source = source
@@ -91,6 +134,16 @@ class BusPump:
         self._in_flight = 0
         self._reader: asyncio.Task[None] | None = None
         self._stopping = False
+        # Rate limits by route; what they release or discard, for `_settle_held`.
+        self.limits: dict[str, RateLimiter[_HeldItem]] = {}
+        self._held: collections.deque[tuple[_HeldItem, str | None, RateLimiter[_HeldItem]]] = (
+            collections.deque()
+        )
+        self._held_wake = asyncio.Event()
+        self._settling = False
+        self._timers: dict[str, asyncio.Task[None]] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self.set_rates(rates or {})
 
     @property
     def in_flight(self) -> int:
@@ -101,6 +154,10 @@ class BusPump:
         """Read the source and deliver until cancelled, `stop_reading`, or the source ends."""
         self._stopping = False
         async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            settler = tg.create_task(self._settle_held(), name=f"roombus[{self.name}].held")
+            for name in self.limits:
+                self._start_timer(name)
             reaper = tg.create_task(self._reap_idle_lanes(), name=f"roombus[{self.name}].lanes")
             self._reader = tg.create_task(self._read(tg), name=f"roombus[{self.name}].read")
             try:
@@ -113,6 +170,88 @@ class BusPump:
             for lane in list(self._lanes.values()):
                 if lane.waiter is not None and not lane.waiter.done():
                     lane.waiter.set_result(False)
+            tg.create_task(self._wind_down(settler), name=f"roombus[{self.name}].wind-down")
+        self._tg = None
+
+    def set_rates(self, rates: Mapping[str, RateSpec]) -> None:
+        """Set the routes' rate limits from now on (also on a reload).
+
+        A changed limiter is replaced, and the old one releases what it holds at once.
+        """
+        for name, old in list(self.limits.items()):
+            if rates.get(name) != old.spec:
+                del self.limits[name]
+                timer = self._timers.pop(name, None)
+                if timer is not None:
+                    timer.cancel()
+                old.flush()
+        for name, spec in rates.items():
+            if name not in self.limits:
+                self.limits[name] = self._limiter(name, spec)
+                if self._tg is not None:
+                    self._start_timer(name)
+
+    def _limiter(self, name: str, spec: RateSpec) -> RateLimiter[_HeldItem]:
+        held, wake = self._held, self._held_wake
+
+        # Each entry names its limiter: one a reload replaced still gets its `settled`.
+        def release(key: str, item: _HeldItem) -> None:
+            held.append((item, key, limiter))
+            wake.set()
+
+        def discard(item: _HeldItem) -> None:
+            held.append((item, None, limiter))
+            wake.set()
+
+        limiter = RateLimiter(
+            name, spec, self.counters, release=release, discard=discard, track_release=True
+        )
+        return limiter
+
+    def _start_timer(self, name: str) -> None:
+        assert self._tg is not None
+        task = self._tg.create_task(self.limits[name].run(), name=f"roombus[{name}].rate")
+        self._timers[name] = task
+
+    async def _settle_held(self) -> None:
+        """Deliver what the rate limiters release, in order; acknowledge what they discard."""
+        while True:
+            if not self._held:
+                self._held_wake.clear()
+                await self._held_wake.wait()
+                continue
+            (route, envelope, values, ticket), key, limiter = self._held.popleft()
+            if key is None:
+                await ticket.finish(True, None)
+                continue
+            self._settling = True
+            try:
+                ok, why = await self._deliver_guarded(route, envelope, values)
+            finally:
+                self._settling = False
+                limiter.settled(key)
+            await ticket.finish(ok, why)
+
+    async def _wind_down(self, settler: asyncio.Task[None]) -> None:
+        """Reading ended: deliver what the rate limits hold, then stop the pump's helpers.
+
+        Waits until the lanes settled what they took (polling: once, when reading ends, under
+        the caller's deadline), flushes the limiters, waits until what they released settled.
+        """
+        while True:
+            if not self._in_flight:
+                break
+            await asyncio.sleep(0.02)
+        for limiter in self.limits.values():
+            limiter.flush()
+        while True:
+            if not (self._held or self._settling):
+                break
+            await asyncio.sleep(0.02)
+        settler.cancel()
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
 
     def stop_reading(self) -> None:
         """Stop taking messages; `run` returns once the deliveries in progress finished."""
@@ -175,30 +314,45 @@ class BusPump:
         settle = True
         error: RejectedMessage | None = None
         rpc: list[tuple[ToRoomRoute, dict[str, str]]] = []
+        ticket: _Ticket | None = None  # made when a rate limit holds the message
         for route in self.routes:
             values = route.match(envelope)
             if values is None:
                 continue
             matched = True
             self.counters.inc(f"route.{route.name}.received")
+            if route.rules is not None and route.rules.where is not None:
+                why_not = route.rules.filtered(values, envelope.headers, envelope.payload)
+                if why_not is not None:
+                    # Filtered out: settled (acknowledged) like a delivered message, counted.
+                    self.counters.inc(f"route.{route.name}.filtered")
+                    if why_not != "false":
+                        self.counters.note_error(route.name, f"filtered: {why_not}")
+                    continue
             if route.target.kind == "rpc":
                 rpc.append((route, values))
                 continue
-            try:
-                ok, why = await self._deliver(route, envelope, values)
-            except Exception as exc:
-                log.error("%s: delivery failed unexpectedly", route.name, exc_info=exc)
-                ok, why = await self.rejections.decide(
-                    route.name,
-                    route.on_reject,
-                    route.dead_letter,
-                    RejectedMessage("internal_error", f"{type(exc).__name__}: {exc}"),
-                    _rejected(envelope, values),
-                )
+            limiter = self.limits.get(route.name) if self.limits else None
+            if limiter is not None:
+                ticket = ticket or _Ticket(inbound)
+                decision = limiter.admit(values, (route, envelope, values, ticket))
+                if decision is Decision.HELD:
+                    ticket.waiting += 1
+                    continue
+                if decision is Decision.DROPPED:
+                    continue  # counted by the limiter; settled along this route
+            ok, why = await self._deliver_guarded(route, envelope, values)
             settle = settle and ok
             error = error or why
         if not matched:
             self.counters.inc(f"source.{self.name}.unmatched")
+        if ticket is not None and ticket.waiting:
+            # A rate limit holds it along some route: acknowledged once that route settles it
+            # (a request among them is answered without acknowledging it itself).
+            if rpc:
+                await self.rpc_submit(rpc[0][0], envelope, rpc[0][1], inbound, ack=False)
+            await ticket.finish(settle, error, close=True)
+            return
         if rpc:
             # A request is answered once: by the first RPC route it matches. Its task
             # acknowledges it after the reply (and only if the other routes settled it).
@@ -223,6 +377,22 @@ class BusPump:
         assert self.rpc is not None
         await self.rpc.submit(route, envelope, values, inbound, ack=ack)
 
+    async def _deliver_guarded(
+        self, route: ToRoomRoute, envelope: Envelope, values: dict[str, str]
+    ) -> tuple[bool, RejectedMessage | None]:
+        """`_deliver`; an exception that escapes it is a bug, decided as ``internal_error``."""
+        try:
+            return await self._deliver(route, envelope, values)
+        except Exception as exc:
+            log.error("%s: delivery failed unexpectedly", route.name, exc_info=exc)
+            return await self.rejections.decide(
+                route.name,
+                route.on_reject,
+                route.dead_letter,
+                RejectedMessage("internal_error", f"{type(exc).__name__}: {exc}"),
+                _rejected(envelope, values),
+            )
+
     async def _deliver(
         self, route: ToRoomRoute, envelope: Envelope, values: dict[str, str]
     ) -> tuple[bool, RejectedMessage | None]:
@@ -234,7 +404,7 @@ class BusPump:
             return True, None
         try:
             delivery = route.delivery(envelope, values)
-            await self.room_sink.deliver(route.name, delivery, envelope)
+            await self.room_sink.deliver(route.name, delivery, envelope, route.rules)
         except RejectedMessage as why:
             return await self.rejections.decide(
                 route.name, route.on_reject, route.dead_letter, why, _rejected(envelope, values)

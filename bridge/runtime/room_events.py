@@ -38,7 +38,8 @@ from bridge.room.state import (
 )
 from bridge.room.streams import ByteStreamReader, TextStreamReader
 from bridge.room.types import Counters, DataPacketKind
-from bridge.router import RoomMessage
+from bridge.router import RoomMessage, ToBusRoute
+from bridge.rules import Participant
 from bridge.runtime.outbox import Outbox
 from bridge.runtime.room_link import RoomLink
 from bridge.runtime.stream_fanout import ByteStreamFanout
@@ -130,10 +131,38 @@ class RoomEvents:
             headers[H_TOPIC] = topic
         return headers
 
-    def _offer(self, message: RoomMessage) -> None:
+    def _offer(self, message: RoomMessage, info: object | None = None) -> None:
         for worker in self.routes:
-            if worker.route.kind == message.kind and worker.route.wants(message):
+            route = worker.route
+            if (
+                route.kind == message.kind
+                and route.wants(message)
+                and (route.rules is None or self._passes(route, message, info))
+            ):
                 worker.offer(message)
+
+    def _passes(self, route: ToBusRoute, message: RoomMessage, info: object | None = None) -> bool:
+        """Whether `message` passes the route's access rules and `where` (counted when not).
+
+        `info`: the sender's ParticipantInfo when the room's state no longer has it (left).
+        """
+        rules = route.rules
+        assert rules is not None
+        if rules.access is not None:
+            identity = message.values.get("participant", "")
+            if info is None and rules.access.needs_state and self.room is not None:
+                info = self.room.participant_info(identity)
+            if not rules.permits(Participant.of(identity, info)):
+                self.counters.inc(f"route.{route.name}.denied")
+                return False
+        if rules.where is not None:
+            why = rules.filtered(route.values(message), message.headers, message.payload)
+            if why is not None:
+                self.counters.inc(f"route.{route.name}.filtered")
+                if why != "false":
+                    self.counters.note_error(route.name, f"filtered: {why}")
+                return False
+        return True
 
     async def _on_data(self, event: DataReceived) -> None:
         packet = event.packet
@@ -165,12 +194,13 @@ class RoomEvents:
         sid = info.sender_sid or self._sender_sid(identity)
         values = self._values(room, identity, sid, "text-stream")
         values.update(topic=info.topic, stream_id=info.stream_id)
-        probe = RoomMessage("text_stream", b"", values, {})
-        routes = [w for w in self.routes if w.route.kind == "text_stream" and w.route.wants(probe)]
-        if not routes:
-            return
         base = self._headers(values, info.topic) | {H_STREAM_ID: info.stream_id}
         base |= {f"lk-attr-{k}": v for k, v in info.attributes.items()}
+        probe = RoomMessage("text_stream", b"", values, base)
+        routes = [w for w in self.routes if w.route.kind == "text_stream" and w.route.wants(probe)]
+        routes = [w for w in routes if w.route.rules is None or self._passes(w.route, probe)]
+        if not routes:
+            return
         incremental = [w for w in routes if w.route.source.text_stream.mode == "incremental"]  # type: ignore[union-attr]
         whole = [w for w in routes if w not in incremental]
         parts: list[str] = []
@@ -237,10 +267,6 @@ class RoomEvents:
         values.update(
             topic=info.topic, stream_id=info.stream_id, name=info.name, mime_type=info.mime_type
         )
-        probe = RoomMessage("byte_stream", b"", values, {})
-        routes = [w for w in self.routes if w.route.kind == "byte_stream" and w.route.wants(probe)]
-        if not routes:
-            return
         base = self._headers(values, info.topic) | {
             H_STREAM_ID: info.stream_id,
             "lk-stream-name": info.name,
@@ -248,6 +274,11 @@ class RoomEvents:
         if info.total_size is not None:
             base["lk-stream-size"] = str(info.total_size)
         base |= {f"lk-attr-{k}": v for k, v in info.attributes.items()}
+        probe = RoomMessage("byte_stream", b"", values, base)
+        routes = [w for w in self.routes if w.route.kind == "byte_stream" and w.route.wants(probe)]
+        routes = [w for w in routes if w.route.rules is None or self._passes(w.route, probe)]
+        if not routes:
+            return
         await ByteStreamFanout(
             self.name, self.counters, routes, values, base, info.mime_type, info.stream_id
         ).run(reader, info.total_size)
@@ -322,7 +353,9 @@ class RoomEvents:
             message = RoomMessage(
                 "presence", payload, values, self._headers(values), "application/json", key
             )
-            if worker.route.wants(message):
+            if worker.route.wants(message) and (
+                worker.route.rules is None or self._passes(worker.route, message, info)
+            ):
                 worker.offer(message)
         # Clear the attribute state we published for this participant.
         keys = self.published_attributes.pop(info.identity, set())
@@ -337,7 +370,8 @@ class RoomEvents:
                     self._headers(values) | {"lk-attribute": attr},
                     None,
                     f"{self.name}/{info.identity}/{attr}",
-                )
+                ),
+                info,
             )
 
     async def _on_metadata(self, event: ParticipantMetadataChanged) -> None:

@@ -29,6 +29,8 @@ from bridge.room.errors import (
 from bridge.room.room import Room
 from bridge.room.server_api import ServerApi
 from bridge.router import RoomDelivery
+from bridge.rules import Access, Participant, RouteRules
+from bridge.runtime.latch import Latch
 from bridge.runtime.room_link import RoomLink
 
 log = logging.getLogger("roombus.deliver")
@@ -39,12 +41,25 @@ _limited = RateLimitedLog(log)
 class RoomSink:
     """Delivers into the rooms the bridge joins."""
 
-    def __init__(self, links: Mapping[str, RoomLink], server_api: ServerApi | None) -> None:
+    def __init__(
+        self,
+        links: Mapping[str, RoomLink],
+        server_api: ServerApi | None,
+        latch: Latch | None = None,
+    ) -> None:
         self.links = links
         self.server_api = server_api
+        self.latch = latch  # keeps what latched routes delivered, for late joiners
 
-    async def deliver(self, route: str, d: RoomDelivery, envelope: Envelope) -> None:
-        """Deliver `d`; wait while its room rejoins; `RejectedMessage` for a permanent refusal."""
+    async def deliver(
+        self, route: str, d: RoomDelivery, envelope: Envelope, rules: RouteRules | None = None
+    ) -> None:
+        """Deliver `d`; wait while its room rejoins; `RejectedMessage` for a permanent refusal.
+
+        With access rules (`rules.access`), a destination identity they deny rejects the whole
+        delivery (reason ``denied``, also counted ``route.<name>.denied``): judged on the room's
+        state when it is sent, so kind and attribute conditions see the participant as it is.
+        """
         link = self.links.get(d.room)
         if link is None:
             raise RejectedMessage("unknown_room", f"room {d.room!r} is not one the bridge joins")
@@ -55,8 +70,17 @@ class RoomSink:
         attempt = 0
         while True:
             room = await link.ready()
+            if rules is not None and rules.access is not None:
+                denied = _denied(rules.access, room, d)
+                if denied is not None:
+                    counters.inc(f"route.{route}.denied")
+                    raise RejectedMessage(
+                        "denied", f"the route's allow/deny rules refuse destination {denied!r}"
+                    )
             try:
                 await self._deliver_once(room, d, envelope)
+                if self.latch is not None:
+                    self.latch.keep(route, d, envelope)
                 start = envelope.sent_at or envelope.received_at
                 counters.observe(f"route.{route}.latency", max(0.0, time.time() - start))
                 return
@@ -145,6 +169,15 @@ class RoomSink:
                 "no_server_api", "this delivery needs livekit.api_key and api_secret"
             )
         return self.server_api
+
+
+def _denied(access: Access, room: Room, d: RoomDelivery) -> str | None:
+    """The first destination identity of `d` that `access` refuses, or None."""
+    for identity in d.destinations or ((d.identity,) if d.identity else ()):
+        info = room.participant_info(identity) if access.needs_state else None
+        if not access.permits(Participant.of(identity, info)):
+            return identity
+    return None
 
 
 def _provenance(d: RoomDelivery, envelope: Envelope) -> dict[str, str]:

@@ -249,7 +249,7 @@ def test_routes_of_a_room_event(capsys: pytest.CaptureFixture[str]) -> None:
         "--payload",
         "open",
     )
-    assert out[0] == "commands-out: room plant-* packet command/{device}"
+    assert out[0] == "commands-out: room plant-{site} packet command/{device}"
     assert "  → mqtt plant: topic 'devices/berlin/valve-7/commands' (QoS 1)" in out
     assert out[-1] == "  payload  'open'"
 

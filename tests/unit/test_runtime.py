@@ -56,7 +56,9 @@ class FakeRooms:
         self.gates: dict[str, asyncio.Event] = {}
         self.raise_once: BaseException | None = None
 
-    async def deliver(self, route: str, d: RoomDelivery, envelope: Envelope) -> None:
+    async def deliver(
+        self, route: str, d: RoomDelivery, envelope: Envelope, rules: object = None
+    ) -> None:
         gate = self.gates.get(d.room)
         if gate is not None:
             await gate.wait()
