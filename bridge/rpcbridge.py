@@ -56,8 +56,11 @@ the bridge serves the methods (exact names registered, globs through the RPC fal
 resolver), publishes each call as a bus request (MQTT 5: response topic + correlation data;
 Kafka: reply-to + correlation headers; both with the ``rpc-deadline`` header and provenance),
 and answers with the bus reply's payload, or an `RpcError` from its ``rpc-*`` headers. No reply
-within min(timeout, the caller's timeout): RESPONSE_TIMEOUT (1502). Replies for calls already
-answered are dropped and counted ``rpc.late_reply``; unknown ones ``rpc.unknown_reply``.
+within min(timeout, what the caller waits): RESPONSE_TIMEOUT (1502). A caller announces less
+than it waits (the Rust core of the Python and Node SDKs: max(T - 7 s, 1 s) for a wait of T), so
+"what it waits" is its announced response timeout plus 7 s, the room's handler grace. Replies
+for calls already answered are dropped and counted ``rpc.late_reply``; unknown ones
+``rpc.unknown_reply``.
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ from bridge.envelope import (
 )
 from bridge.errors import RejectedMessage
 from bridge.room.errors import RpcError
-from bridge.room.rpc import RpcHandler, RpcInvocationData
+from bridge.room.rpc import DEFAULT_HANDLER_GRACE, RpcHandler, RpcInvocationData
 from bridge.room.types import Counters
 from bridge.router import MAX_JSON_BYTES, ToBusRoute, ToRoomRoute, decode_payload
 from bridge.rules import Participant
@@ -775,7 +778,11 @@ class RpcBridge:
         if self._out_count[route.name] >= spec.max_in_flight:
             self.c.inc(f"{prefix}.rpc_overloaded")
             raise RpcError(RpcError.APPLICATION_ERROR, "Too many bus requests in flight")
-        timeout = min(spec.timeout, data.response_timeout)
+        # What the caller really waits: the Rust core (the Python and Node SDKs) announces
+        # max(T - 7 s, 1 s) but waits T; JS announces max(T, 8 s). The room's own handler
+        # deadline allows the same grace (bridge.room.rpc), so a backend gets the route's
+        # timeout whenever the caller waits that long.
+        timeout = min(spec.timeout, data.response_timeout + DEFAULT_HANDLER_GRACE)
         room = link.room
         values = {
             "room": link.name,

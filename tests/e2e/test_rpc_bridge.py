@@ -419,6 +419,13 @@ class MqttBackend:
             body = message.payload
             if method == "bus.slow":
                 return
+            if method.startswith("bus.sleep-"):  # answer after that many milliseconds
+                delay = int(method.removeprefix("bus.sleep-")) / 1000
+                reply = (request_props.ResponseTopic, b"svc:" + message.payload)
+                threading.Timer(
+                    delay, lambda: self.client.publish(*reply, qos=1, properties=props)
+                ).start()
+                return
             if method == "bus.fail":
                 props.UserProperty = [
                     ("rpc-status", "error"),
@@ -542,3 +549,47 @@ connectors:
         server.cancel()
         await asyncio.gather(server, return_exceptions=True)
         await consumer.stop()
+
+
+async def test_room_rpc_bus_deadline_is_what_the_caller_really_waits(
+    livekit_server: LiveKitServer, mosquitto: Mosquitto, room_name: str
+) -> None:
+    """The Python SDK (Rust core) announces max(T - 7 s, 1 s) but waits T: a backend must get
+    the route's 5 s whenever the caller waits that long (it used to get 1 s at T <= 8 s)."""
+    body = f"""\
+connectors:
+  - name: rpc-out
+    from: {{room: "*", rpc: {{methods: ["bus.*"], reply_topic: "replies/{room_name}",
+            timeout: 5}}}}
+    to: {{mqtt: bus, topic: "svc/{{room}}/{{method}}"}}
+"""
+    backend = MqttBackend(mosquitto.port)
+    backend.client.subscribe(f"svc/{room_name}/#", 1)
+    assert await asyncio.to_thread(backend._subscribed.wait, 10)
+    try:
+        async with (
+            run_bridge(bridge_yaml(livekit_server, mosquitto, None, room_name, body)),
+            sdk_peer(livekit_server, room_name, "caller") as caller,
+        ):
+            await eventually(lambda: "bridge" in caller.remote_participants, what="bridge")
+            lp = caller.local_participant
+
+            async def call(wait: float, answer_ms: int) -> str | int:
+                try:
+                    return await lp.perform_rpc(
+                        destination_identity="bridge",
+                        method=f"bus.sleep-{answer_ms}",
+                        payload=f"{wait}/{answer_ms}",
+                        response_timeout=wait,
+                    )
+                except rtc.RpcError as exc:
+                    return exc.code
+
+            cases = [(wait, ms) for wait in (3, 5, 8, 10) for ms in (1000, 2000, 4000)]
+            got = await asyncio.gather(*(call(w, ms) for w, ms in cases))
+            # Answered whenever the backend is faster than both the route (5 s) and the
+            # caller's own wait, with a second of margin either way; else 1502.
+            want = [f"svc:{w}/{ms}" if ms / 1000 + 1 <= min(5, w) else 1502 for w, ms in cases]
+            assert dict(zip(cases, got, strict=True)) == dict(zip(cases, want, strict=True))
+    finally:
+        backend.close()
