@@ -77,6 +77,11 @@ async def test_sighup_reloads_and_watch_reloads_on_change(
             await eventually(lambda: "bridge" in dash.remote_participants, timeout=60)
             sid = dash.remote_participants["bridge"].sid
             await _route_works(mqtt_peer, got, f"{prefix}/first")
+            # Steady state at INFO logs nothing per message.
+            lines = len(bridge.log.read_text(errors="replace").splitlines())
+            for _ in range(30):
+                await _route_works(mqtt_peer, got, f"{prefix}/first")
+            assert len(bridge.log.read_text(errors="replace").splitlines()) == lines, bridge.tail()
 
             # SIGHUP: a bad file is refused with its location, the bridge keeps running...
             bridge.config.write_text(text + "  - name: [oops\n")
