@@ -1,20 +1,72 @@
-# roombus: slim, non-root, with a health check on /ready.
-# Build: docker build -t roombus .   Run: docker run -v $PWD/config.yaml:/etc/roombus.yaml roombus
-FROM python:3.11-slim AS build
+# roombus: a small non-root image; `scripts/image` builds it (README "Deployment").
+#
+#   docker build --build-arg BASE=python:3.11-slim -t roombus .      anywhere an image registry
+#   scripts/image                                                     here: a Debian-made base
+#   docker run --network host -v $PWD/config.yaml:/etc/roombus/config.yaml:ro roombus
+#
+# BASE is any image with python3 (>= 3.11, with its venv module) at /usr/bin or /usr/local/bin:
+# the official python slim image, or roombus-base made by scripts/image from Debian packages
+# (debootstrap --variant=minbase + python3 + python3-venv). Build and runtime stages use the same
+# base so the venv's interpreter link holds. The venv at /opt/roombus holds only what the
+# runtime imports: pip, setuptools and the build tools stay in the build stage.
+ARG BASE=python:3.11-slim
+
+# deps: the locked dependencies. deploy/wheels/ is empty in the repository (pip takes the index);
+# scripts/image fills it in its build context with the lock's wheels and passes
+# PIP_ARGS=--no-index, so the build needs no network and installs exactly the lock.
+FROM ${BASE} AS deps
+ARG PIP_ARGS=""
 WORKDIR /src
-COPY pyproject.toml README.md ./
+RUN python3 -m venv /opt/roombus
+# Dependencies first (deploy/constraints.txt: the exact versions of everything `pip install .`
+# resolves to): this layer stays cached until the lock changes.
+COPY deploy/constraints.txt /src/deploy/constraints.txt
+COPY deploy/wheels/ /src/wheels/
+RUN /opt/roombus/bin/pip install --no-cache-dir --disable-pip-version-check $PIP_ARGS \
+      --find-links /src/wheels -r deploy/constraints.txt
+
+FROM deps AS build
+COPY pyproject.toml README.md LICENSE ./
 COPY bridge ./bridge
 COPY connectors ./connectors
-RUN pip install --no-cache-dir --prefix=/install .
+# --no-deps: every dependency came from the lock; --no-build-isolation: the build backend too, so
+# this layer needs no package index. `pip check` fails the build where the lock and
+# pyproject.toml disagree. Then the build tools and pip leave: the runtime installs nothing.
+RUN /opt/roombus/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps \
+      --no-build-isolation . \
+ && /opt/roombus/bin/pip check \
+ && /opt/roombus/bin/pip uninstall -q -y hatchling pathspec pluggy trove-classifiers \
+      setuptools pip \
+ && rm -rf /opt/roombus/share
 
-FROM python:3.11-slim
-RUN useradd --system --uid 10001 --home /nonexistent --shell /usr/sbin/nologin roombus
-COPY --from=build /install /usr/local
-USER roombus
-ENV PYTHONUNBUFFERED=1 ROOMBUS_LOG_FORMAT=json
-# The health check needs `bridge.http_port: 8081` in the configuration (and, for probes from
-# outside the container, `bridge.http_host: 0.0.0.0`).
-HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
-  CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8081/ready', timeout=2).status == 200 else 1)"
+FROM ${BASE}
+ARG VERSION=0.0.0
+LABEL org.opencontainers.image.title="roombus" \
+      org.opencontainers.image.description="Bridge LiveKit rooms to Kafka and MQTT" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://github.com/roombus/roombus"
+RUN groupadd --system --gid 10001 roombus \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \
+      --shell /usr/sbin/nologin roombus \
+ && mkdir -p /etc/roombus /var/lib/roombus && chown roombus:roombus /var/lib/roombus
+COPY --from=build /opt/roombus /opt/roombus
+# The default configuration is the annotated example: its servers come from the environment
+# (LIVEKIT_URL, LIVEKIT_API_KEY, LIVEKIT_API_SECRET, MQTT_HOST, MQTT_PORT, KAFKA_BOOTSTRAP).
+# Mount your own over it (read-only is enough: the bridge never writes its configuration).
+COPY config.example.yaml /etc/roombus/config.yaml
+ENV PATH=/opt/roombus/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    ROOMBUS_LOG_FORMAT=json \
+    ROOMBUS_HTTP_PORT=8081
+USER 10001:10001
+EXPOSE 8081
+# /ready on the health port: `bridge.http_port` (the example configuration and the chart use
+# 8081; set ROOMBUS_HTTP_PORT when yours differs). Probing 127.0.0.1 from inside the container
+# works whatever `bridge.http_host` is (127.0.0.1 is its default, 0.0.0.0 includes it).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
+  CMD ["python3", "-c", "import os,sys,urllib.request as u; sys.exit(0 if u.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('ROOMBUS_HTTP_PORT', '8081'), timeout=2).status == 200 else 1)"]
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["roombus"]
-CMD ["run", "/etc/roombus.yaml"]
+CMD ["run", "/etc/roombus/config.yaml"]

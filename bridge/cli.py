@@ -25,7 +25,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from bridge import __version__
 from bridge.app import build_bridge
@@ -163,13 +163,13 @@ async def run_bridge(
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         bridge = build_bridge(config)
+        address = http_address(config, os.environ)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("roombus: %s", problem)
         return EX_CONFIG
     reloader = Reloader(bridge, path, on_load=on_load) if path is not None else None
-    port = config.bridge.http_port
-    health = HealthServer(bridge, port, config.bridge.http_host) if port else None
+    health = HealthServer(bridge, address[1], address[0]) if address else None
     triggers: list[asyncio.Task[None]] = []
     try:
         if health is not None:
@@ -196,6 +196,30 @@ async def run_bridge(
             loop.remove_signal_handler(signum)
         del main
     return 0
+
+
+def http_address(config: Config, environ: Mapping[str, str]) -> tuple[str, int] | None:
+    """Where the HTTP port listens (host, port), or None for no HTTP port.
+
+    The config's ``bridge.http_port``/``http_host``, else ``$ROOMBUS_HTTP_PORT`` and
+    ``$ROOMBUS_HTTP_HOST`` (the container image sets 8081, so that its HEALTHCHECK holds
+    whatever configuration is mounted).
+
+    Raises:
+        ConfigError: ``$ROOMBUS_HTTP_PORT`` is not a port number.
+    """
+    settings = config.bridge
+    host = settings.http_host
+    if "http_host" not in settings.model_fields_set:
+        host = environ.get("ROOMBUS_HTTP_HOST") or host
+    if settings.http_port is not None:
+        return host, settings.http_port
+    text = environ.get("ROOMBUS_HTTP_PORT", "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ConfigError([f"$ROOMBUS_HTTP_PORT: {text!r} is not a port number (1-65535)"])
+    return host, int(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

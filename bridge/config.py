@@ -389,6 +389,28 @@ class NothingMore(_Model):
     """No options."""
 
 
+# The room events an `events` route can carry (bridge.runtime.room_activity).
+RoomEventKind = Literal[
+    "room_started",
+    "room_finished",
+    "participant_joined",
+    "participant_left",
+    "track_published",
+    "track_unpublished",
+]
+ROOM_EVENT_KINDS: tuple[str, ...] = get_args(RoomEventKind)
+
+
+class EventsFrom(_Model):
+    """Room events as JSON: room started/finished, participant joined/left, track (un)published."""
+
+    kinds: list[RoomEventKind] = Field(
+        default_factory=lambda: list(get_args(RoomEventKind)),
+        min_length=1,
+        description="Which events to publish (default: all of them)",
+    )
+
+
 class RpcFrom(_Model):
     """RPC calls made to the bridge participant, turned into bus requests (room to bus)."""
 
@@ -432,6 +454,9 @@ class RoomFrom(_Model):
     metadata: NothingMore | None = Field(None, description="Participant metadata changes")
     room_metadata: NothingMore | None = Field(None, description="Room metadata changes")
     presence: NothingMore | None = Field(None, description="Participants joining and leaving")
+    events: EventsFrom | None = Field(
+        None, description="Room, participant and track events as JSON, in order per room"
+    )
     rpc: RpcFrom | None = Field(None, description="RPC calls to the bridge, as bus requests")
 
     @property
@@ -455,6 +480,7 @@ ROOM_KINDS = (
     "metadata",
     "room_metadata",
     "presence",
+    "events",
     "rpc",
 )
 
@@ -1283,6 +1309,7 @@ ROOM_KIND_PLACEHOLDERS = {
     "metadata": (),
     "room_metadata": (),
     "presence": ("event",),
+    "events": ("event", "participant_kind", "track_sid"),
     "rpc": ("method", "request_id"),
 }
 # Dynamic placeholders of bus-to-room RPC routes: a request header (Kafka header, MQTT 5 user
@@ -1368,11 +1395,11 @@ def _capture_problems(source: RoomFrom) -> Iterator[tuple[Path_, str]]:
         if "{" not in pattern and "}" not in pattern:
             continue
         where: Path_ = ("from", attr)
-        if kind == "rpc":
-            yield where, "captures are not available on rpc routes (use a glob: * ? [...])"
-            continue
         if attr == "participant" and kind == "room_metadata":
             yield where, "room_metadata has no participant to capture from"
+            continue
+        if attr == "participant" and kind == "events":
+            yield where, "room_started and room_finished have no participant to capture from"
             continue
         try:
             captures = parse_name_pattern(pattern).captures

@@ -115,6 +115,7 @@ _EVENT_KIND = {
     "text_stream": "text-stream",
     "byte_stream": "byte-stream",
     "room_metadata": "room-metadata",
+    "events": "room-event",
 }
 
 
@@ -266,6 +267,8 @@ def _explain_event(
 
 def _default_key(kind: str, values: Mapping[str, str]) -> str | None:
     """The Kafka key of an event when the route sets none (bridge.runtime.room_events)."""
+    if kind == "events":
+        return values.get("room", "")  # one room's events in order (bridge.runtime.room_activity)
     who = f"{values.get('room', '')}/{values.get('participant', '')}"
     if kind == "attributes":
         return f"{who}/{values.get('key', '')}"

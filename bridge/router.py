@@ -27,6 +27,7 @@ from bridge.config import (
     ByteStreamFrom,
     Config,
     ConnectorConfig,
+    EventsFrom,
     KafkaFrom,
     KafkaTo,
     MqttFrom,
@@ -62,7 +63,8 @@ MAX_JSON_DEPTH = 64
 class RoomMessage:
     """Something that happened in a room, ready to be mapped onto a bus route."""
 
-    kind: str  # packet, text_stream, byte_stream, attributes, metadata, room_metadata, presence
+    # packet, text_stream, byte_stream, attributes, metadata, room_metadata, presence, events
+    kind: str
     payload: bytes | None  # None: a deletion (attribute removed, participant left)
     values: Mapping[str, str]  # placeholder values: room, participant, topic, key, ...
     headers: Mapping[str, str]  # provenance
@@ -221,11 +223,14 @@ class ToBusRoute:
         values = message.values
         if not self.room_pattern.matches(values.get("room", "")):
             return False
-        if self.kind not in ("room_metadata",) and not self.participant_pattern.matches(
-            values.get("participant", "")
-        ):
+        participant = values.get("participant", "")
+        # Room metadata and the room's own events (started, finished) have no participant.
+        about_room = self.kind == "room_metadata" or (self.kind == "events" and not participant)
+        if not about_room and not self.participant_pattern.matches(participant):
             return False
         spec = getattr(self.source, self.kind)
+        if isinstance(spec, EventsFrom):
+            return values.get("event", "") in spec.kinds
         if self.topic_filter is not None:
             if self.topic_filter.match(values.get("topic", "")) is None:
                 return False

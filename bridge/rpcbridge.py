@@ -709,7 +709,7 @@ class RpcBridge:
     @staticmethod
     def _route_for(routes: list[ToBusRoute], method: str, caller: str | None) -> ToBusRoute | None:
         for route in routes:
-            if caller is not None and not glob_match(route.source.participant, caller):
+            if caller is not None and not route.participant_pattern.matches(caller):
                 continue
             if any(glob_match(m, method) for m in route.source.rpc.methods):  # type: ignore[union-attr]
                 return route
@@ -793,6 +793,9 @@ class RpcBridge:
             "method": data.method,
             "request_id": data.request_id,
         }
+        # The route's room and caller captures (plant-{site}, device-{device}).
+        values.update(route.room_pattern.match(link.name) or {})
+        values.update(route.participant_pattern.match(data.caller_identity) or {})
         deadline_ms = int((time.time() + timeout) * 1000)
         headers = {
             H_ROOM: link.name,

@@ -50,10 +50,15 @@ class Reconnected:
 
 @dataclass(frozen=True, slots=True)
 class Disconnected:
-    """The room is closed for good: by us, by the server, or after reconnecting failed."""
+    """The room is closed for good: by us, by the server, or after reconnecting failed.
+
+    `server_reason` is the `models.DisconnectReason` of the server's `leave` when the server
+    closed the session (ROOM_DELETED, ROOM_CLOSED, PARTICIPANT_REMOVED ...), else None.
+    """
 
     reason: str
     error: Exception | None = None
+    server_reason: int | None = None
 
 
 class Subscription:

@@ -118,6 +118,8 @@ class _Session:
         self.offer_id = 0
         self.lost = False
         self.reader: asyncio.Task[None] | None = None
+        # The DisconnectReason of the server's `leave`, if it sent one (see `Disconnected`).
+        self.leave_reason: int | None = None
 
 
 class Room:
@@ -197,6 +199,12 @@ class Room:
     def metadata(self) -> str:
         """The room's metadata (set through the server API)."""
         return self._state.room.metadata
+
+    @property
+    def created_at_ms(self) -> int:
+        """When the server created the room (epoch ms), 0 if it did not say."""
+        room = self._state.room
+        return room.creation_time_ms or room.creation_time * 1000
 
     @property
     def remote_participants(self) -> dict[str, RemoteParticipant]:
@@ -281,7 +289,9 @@ class Room:
         """Leave the room (telling the server, so we vanish at once) and stop every task."""
         await self._shutdown(reason, None)
 
-    async def _shutdown(self, reason: str, error: Exception | None) -> None:
+    async def _shutdown(
+        self, reason: str, error: Exception | None, server_reason: int | None = None
+    ) -> None:
         if self._closing:
             await self._closed.wait()
             return
@@ -295,7 +305,7 @@ class Room:
         await self._streams.aclose()
         self._connection_state = "disconnected"
         # Let the dispatchers deliver what is queued (with Disconnected last), then stop them.
-        self._post_event(Disconnected(reason, error))
+        self._post_event(Disconnected(reason, error, server_reason))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2):
                 await self._event_inbox.join()
@@ -642,6 +652,8 @@ class Room:
             action = msg.leave.action
             reason = models.DisconnectReason.Name(msg.leave.reason)
             rejoin = action != rtc.LeaveRequest.Action.DISCONNECT
+            if not session.lost:
+                session.leave_reason = msg.leave.reason
             self._session_lost(session, f"server asked us to leave ({reason})", rejoin)
         elif kind == "refresh_token":
             self._token = msg.refresh_token
@@ -707,7 +719,7 @@ class Room:
             self._rpc.fail_all(RpcError(RpcError.SEND_FAILED, f"connection lost: {reason}"))
             self._streams.abort_all(f"connection lost: {reason}")
             if not (rejoin and self.options.reconnect):
-                self._spawn("lk-close", self._shutdown(reason, None))
+                self._spawn("lk-close", self._shutdown(reason, None, session.leave_reason))
                 return
             self._post_event(Reconnecting(reason))
             try:

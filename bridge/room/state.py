@@ -15,6 +15,12 @@ Rules (livekit-protocol.md §5.2, §5.3):
   are remembered (boundedly), so a late update about an old session cannot bring it back.
 * Our own `ParticipantInfo` (same sid as ours) updates `local` and yields events with
   ``is_local=True``.
+* A remote participant's published tracks are the `tracks` of its successive records: a track
+  sid that appears is `TrackPublished`, one that goes is `TrackUnpublished` (as the SDKs do).
+  A participant that arrives with tracks is connected first, then each track published; one
+  that leaves with tracks has each unpublished first, then is disconnected — so every
+  published track is unpublished once, and never outlives its participant. (The bridge itself
+  publishes no media: there are no local track events.)
 * On a rejoin after a reconnect, `reset` returns the difference between what was held before and
   the new `JoinResponse`, so subscribers re-sync with what happened during the outage.
 
@@ -63,6 +69,29 @@ class ParticipantDisconnected:
 
 
 @dataclass(frozen=True, slots=True)
+class TrackPublished:
+    """A remote participant published a track (or arrived, or was found after a rejoin, with it).
+
+    `info` is the participant's record that has the track; `track` is the track as published.
+    """
+
+    info: models.ParticipantInfo
+    track: models.TrackInfo
+
+
+@dataclass(frozen=True, slots=True)
+class TrackUnpublished:
+    """A remote participant's track is gone: unpublished, or its participant left.
+
+    `info` is the participant's record as held (the latest, or the last before it left);
+    `track` is the track as it was last held.
+    """
+
+    info: models.ParticipantInfo
+    track: models.TrackInfo
+
+
+@dataclass(frozen=True, slots=True)
 class ParticipantAttributesChanged:
     """Attributes of a participant changed.
 
@@ -107,6 +136,8 @@ class RoomMetadataChanged:
 RoomEvent = (
     ParticipantConnected
     | ParticipantDisconnected
+    | TrackPublished
+    | TrackUnpublished
     | ParticipantAttributesChanged
     | ParticipantMetadataChanged
     | ParticipantNameChanged
@@ -128,10 +159,61 @@ def diff_attributes(old: Mapping[str, str], new: Mapping[str, str]) -> dict[str,
     return changed
 
 
+def diff_tracks(old: models.ParticipantInfo, new: models.ParticipantInfo) -> list[RoomEvent]:
+    """Tracks of `old` that `new` lacks (unpublished, first), then those new in `new` (by sid)."""
+    old_sids = {t.sid for t in old.tracks}
+    new_sids = {t.sid for t in new.tracks}
+    events: list[RoomEvent] = [
+        TrackUnpublished(new, t) for t in old.tracks if t.sid not in new_sids
+    ]
+    events.extend(TrackPublished(new, t) for t in new.tracks if t.sid not in old_sids)
+    return events
+
+
+def arrival(info: models.ParticipantInfo) -> list[RoomEvent]:
+    """A remote participant connected: `ParticipantConnected`, then each of its tracks published."""
+    return [ParticipantConnected(info), *(TrackPublished(info, t) for t in info.tracks)]
+
+
+def departure(info: models.ParticipantInfo, reason: int) -> list[RoomEvent]:
+    """A remote participant left: each of its tracks unpublished, then `ParticipantDisconnected`."""
+    return [
+        *(TrackUnpublished(info, t) for t in info.tracks),
+        ParticipantDisconnected(info, reason),
+    ]
+
+
+def diff_participants(
+    old: Mapping[str, models.ParticipantInfo], new: Mapping[str, models.ParticipantInfo]
+) -> list[RoomEvent]:
+    """The events that turn remote participants `old` into `new` (both by identity).
+
+    Departures first (gone: reason UNKNOWN_REASON; the same identity under a new sid:
+    DUPLICATE_IDENTITY), then arrivals (the new sessions, then new identities), then the changes
+    of those still there, tracks included.
+    """
+    gone: list[RoomEvent] = []
+    arrived: list[RoomEvent] = []
+    changed: list[RoomEvent] = []
+    for identity, held in old.items():
+        now = new.get(identity)
+        if now is None:
+            gone.extend(departure(held, models.DisconnectReason.UNKNOWN_REASON))
+        elif now.sid != held.sid:
+            gone.extend(departure(held, models.DisconnectReason.DUPLICATE_IDENTITY))
+            arrived.extend(arrival(now))
+        else:
+            changed.extend(_changes(held, now, is_local=False))
+    for identity, now in new.items():
+        if identity not in old:
+            arrived.extend(arrival(now))
+    return gone + arrived + changed
+
+
 def _changes(
     old: models.ParticipantInfo, new: models.ParticipantInfo, *, is_local: bool
 ) -> list[RoomEvent]:
-    """Metadata, name and attribute events between two states of one participant."""
+    """Metadata, name, attribute and (remote) track events between two states of a participant."""
     events: list[RoomEvent] = []
     identity = new.identity or old.identity
     if old.metadata != new.metadata:
@@ -143,6 +225,8 @@ def _changes(
         events.append(
             ParticipantAttributesChanged(identity, changed, dict(new.attributes), is_local)
         )
+    if not is_local:
+        events.extend(diff_tracks(old, new))
     return events
 
 
@@ -202,9 +286,10 @@ class RoomState:
 
         Returns:
             Nothing on the first join. On a rejoin, the changes since the state held before:
-            room metadata, our own name/metadata/attributes, participants that left during
-            the outage (disconnected, reason UNKNOWN_REASON), participants that rejoined with a
-            new sid (disconnected then connected), new participants, and changed ones.
+            room metadata, our own name/metadata/attributes, then `diff_participants`:
+            participants that left during the outage (disconnected, reason UNKNOWN_REASON),
+            participants that rejoined with a new sid (disconnected then connected), new
+            participants, and changed ones — with their tracks unpublished and published.
         """
         old_room, old_local, old_remote = self._room, self._local, self._remote
         was_joined = self._joined
@@ -219,6 +304,14 @@ class RoomState:
                 self._counters.inc("state.malformed_update")
                 logger.debug("join response: ignoring participant %r/%r", info.identity, info.sid)
                 continue
+            if info.identity == self._local.identity or info.sid == self._local.sid:
+                # An old session of ours, still listed: never a peer (as in `_apply_remote`).
+                self._counters.inc("state.stale_update")
+                continue
+            if info.identity in self._remote or info.sid in self._sid_identity:
+                # One record per identity and per sid (found by fuzzing); the first one wins.
+                self._counters.inc("state.malformed_update")
+                continue
             self._remote[info.identity] = info
             self._sid_identity[info.sid] = info.identity
         if old_local.sid and old_local.sid != self._local.sid:
@@ -231,27 +324,11 @@ class RoomState:
         if old_room.metadata != self._room.metadata:
             events.append(RoomMetadataChanged(old_room.metadata, self._room.metadata))
         events.extend(_changes(old_local, self._local, is_local=True))
-        connected: list[RoomEvent] = []
-        changed: list[RoomEvent] = []
         for identity, old in old_remote.items():
             new = self._remote.get(identity)
-            if new is None:
+            if new is None or new.sid != old.sid:
                 self._forget(old.sid)
-                events.append(ParticipantDisconnected(old, models.DisconnectReason.UNKNOWN_REASON))
-            elif new.sid != old.sid:
-                self._forget(old.sid)
-                events.append(
-                    ParticipantDisconnected(old, models.DisconnectReason.DUPLICATE_IDENTITY)
-                )
-                connected.append(ParticipantConnected(new))
-            else:
-                changed.extend(_changes(old, new, is_local=False))
-        connected.extend(
-            ParticipantConnected(new)
-            for identity, new in self._remote.items()
-            if identity not in old_remote
-        )
-        return events + connected + changed
+        return events + diff_participants(old_remote, self._remote)
 
     def apply_participant_update(self, infos: Sequence[models.ParticipantInfo]) -> list[RoomEvent]:
         """Apply the ParticipantInfo records of one `update` signal message, in order."""
@@ -319,7 +396,7 @@ class RoomState:
         del self._remote[identity]
         del self._sid_identity[info.sid]
         self._forget(info.sid)
-        return [ParticipantDisconnected(held, info.disconnect_reason)]
+        return departure(held, info.disconnect_reason)
 
     def _apply_remote(self, info: models.ParticipantInfo) -> list[RoomEvent]:
         if not info.identity:
@@ -335,10 +412,19 @@ class RoomState:
             self._counters.inc("state.stale_update")
             logger.debug("update for an old session of ours (%s) ignored", info.sid)
             return []
+        owner = self._sid_identity.get(info.sid)
+        if owner is not None and owner != info.identity:
+            # One sid under two identities: the server never sends that (found by fuzzing);
+            # the first record stays.
+            self._counters.inc("state.malformed_update")
+            logger.debug(
+                "update gives sid %s to %r, held by %r: ignored", info.sid, info.identity, owner
+            )
+            return []
         held = self._remote.get(info.identity)
         if held is None:
             self._install(info)
-            return [ParticipantConnected(info)]
+            return arrival(info)
         if held.sid == info.sid:
             if self._stale(held, info):
                 return []
@@ -354,10 +440,7 @@ class RoomState:
         del self._sid_identity[held.sid]
         self._forget(held.sid)
         self._install(info)
-        return [
-            ParticipantDisconnected(held, models.DisconnectReason.DUPLICATE_IDENTITY),
-            ParticipantConnected(info),
-        ]
+        return [*departure(held, models.DisconnectReason.DUPLICATE_IDENTITY), *arrival(info)]
 
     def _install(self, info: models.ParticipantInfo) -> None:
         self._remote[info.identity] = info

@@ -2,11 +2,11 @@
 
 `RoomEvents` attaches to every `Room` a link creates and turns what happens there — data
 packets, text and byte streams, attribute and metadata changes, room metadata, participants
-joining and leaving — into `RoomMessage`s with provenance headers, offered to each route's
-`Outbox` whose filters they pass. Offering never blocks the room's event dispatch. At join the
-state found in the room (participants, attributes, metadata) is announced the same way, and a
-participant's published attribute state is cleared when it leaves (retained topic emptied,
-Kafka tombstone).
+joining and leaving, and (through `RoomActivity`) the room's own events — into `RoomMessage`s
+with provenance headers, offered to each route's `Outbox` whose filters they pass. Offering
+never blocks the room's event dispatch. At join the state found in the room (participants,
+attributes, metadata) is announced the same way, and a participant's published attribute state
+is cleared when it leaves (retained topic emptied, Kafka tombstone).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from bridge.room.types import Counters, DataPacketKind
 from bridge.router import RoomMessage, ToBusRoute
 from bridge.rules import Participant
 from bridge.runtime.outbox import Outbox
+from bridge.runtime.room_activity import RoomActivity
 from bridge.runtime.room_link import RoomLink
 from bridge.runtime.stream_fanout import ByteStreamFanout
 
@@ -62,6 +63,8 @@ class RoomEvents:
         self.published_attributes: dict[str, set[str]] = {}
         # The room whose events we listen to, and for which route kinds (`attach`).
         self._listening: tuple[Room | None, set[str]] = (None, set())
+        # What `events` routes publish: the room's, participants' and tracks' events.
+        self.activity = RoomActivity(link.name, self._offer)
 
     @property
     def room(self) -> Room | None:
@@ -78,6 +81,11 @@ class RoomEvents:
         room = self.room
         if room is not None:
             self._listen(room)
+            if room.isconnected and self._wants("events"):
+                self.activity.joined(room)  # a new events route: announce the room as it is
+
+    def _wants(self, kind: str) -> bool:
+        return any(o.route.kind == kind for o in self.routes)
 
     def _listen(self, room: Room) -> None:
         listening, done = self._listening
@@ -103,9 +111,13 @@ class RoomEvents:
             room.on(ParticipantMetadataChanged, self._on_metadata)
         if "room_metadata" in kinds:
             room.on(RoomMetadataChanged, self._on_room_metadata)
+        if "events" in kinds:
+            self.activity.attach(room)
 
     async def joined(self, link: RoomLink, room: Room) -> None:
         """Announce the state found at join."""
+        if self._wants("events"):
+            self.activity.joined(room)
         await self._announce_initial_state(room)
 
     def _values(self, room: Room, identity: str, sid: str, kind: str) -> dict[str, str]:
@@ -148,7 +160,9 @@ class RoomEvents:
         """
         rules = route.rules
         assert rules is not None
-        if rules.access is not None:
+        # Access rules judge participants: the room's own events (started, finished) have none.
+        about_room = message.kind == "events" and not message.values.get("participant")
+        if rules.access is not None and not about_room:
             identity = message.values.get("participant", "")
             if info is None and rules.access.needs_state and self.room is not None:
                 info = self.room.participant_info(identity)

@@ -408,11 +408,13 @@ class MqttBackend:
             protocol=MQTTProtocolVersion.MQTTv5,
         )
         self.seen: list[str] = []
+        self.topics: list[str] = []
         self._subscribed = threading.Event()
 
         def on_message(_c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
             method = message.topic.rsplit("/", 1)[1]
             self.seen.append(method)
+            self.topics.append(message.topic)
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             request_props: Any = message.properties
             props.CorrelationData = request_props.CorrelationData
@@ -480,12 +482,13 @@ async def _room_to_bus_cases(caller: rtc.Room, bridge: Bridge) -> None:
 async def test_room_rpc_reaches_mqtt5_backend(
     livekit_server: LiveKitServer, mosquitto: Mosquitto, room_name: str
 ) -> None:
+    # Room and caller captures work on RPC routes too: {slug} and {who} rebuild the room name.
     body = f"""\
 connectors:
   - name: rpc-out
-    from: {{room: "*", rpc: {{methods: ["bus.*"], reply_topic: "replies/{room_name}",
-            timeout: 3}}}}
-    to: {{mqtt: bus, topic: "svc/{{room}}/{{method}}"}}
+    from: {{room: "t-{{slug}}", participant: "call{{who}}",
+            rpc: {{methods: ["bus.*"], reply_topic: "replies/{room_name}", timeout: 3}}}}
+    to: {{mqtt: bus, topic: "svc/t-{{slug}}/{{who}}/{{method}}"}}
 """
     backend = MqttBackend(mosquitto.port)
     backend.client.subscribe(f"svc/{room_name}/#", 1)
@@ -498,6 +501,7 @@ connectors:
             await eventually(lambda: "bridge" in caller.remote_participants, what="bridge")
             await _room_to_bus_cases(caller, bridge)
             assert bridge.counters["route.rpc-out.rpc_timeout"] == 1
+            assert f"svc/{room_name}/er/bus.echo" in backend.topics  # the captures, rendered
     finally:
         backend.close()
 

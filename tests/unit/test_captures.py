@@ -207,9 +207,10 @@ def test_the_example_config_captures_the_site() -> None:
             " participant, participant_sid, room, room_sid, site, topic)",
         ),
         (
-            '  - name: r\n    from: {room: "plant-{site}", rpc: {methods: [a], reply_topic: r}}\n'
-            '    to: {mqtt: plant, topic: "x"}\n',
-            "bad.yaml:14: connectors[0].from.room: captures are not available on rpc routes",
+            '  - name: r\n    from: {room: "plant-{room}", rpc: {methods: [a], reply_topic: r}}\n'
+            '    to: {mqtt: plant, topic: "x/{room}"}\n',
+            "bad.yaml:14: connectors[0].from.room: capture {room} has the name of a built-in"
+            " placeholder",
         ),
         (
             '  - name: r\n    from: {room: "*", participant: "d-{d}", room_metadata: {}}\n'

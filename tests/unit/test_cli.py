@@ -31,7 +31,7 @@ def _restore_logging() -> Iterator[None]:
 
 def test_check_accepts_the_example(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", str(ROOT / "config.example.yaml")]) == 0
-    assert "valid (7 connectors" in capsys.readouterr().out
+    assert "valid (8 connectors" in capsys.readouterr().out
 
 
 def test_check_exits_78_with_located_problems(
@@ -150,11 +150,11 @@ def test_check_prints_a_summary_without_secrets(
     assert main(["check", str(config)]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0] == f"{config}: valid (7 connectors, 1 MQTT brokers, 1 Kafka clusters)"
+    assert lines[0] == f"{config}: valid (8 connectors, 1 MQTT brokers, 1 Kafka clusters)"
     assert "rooms    plant-berlin" in lines
     assert "mqtt     plant: 127.0.0.1:1883 (MQTT 5)" in lines
     assert "kafka    main: 127.0.0.1:9092" in lines
-    assert lines.index("routes room → bus (4)") < lines.index("routes bus → room (1)")
+    assert lines.index("routes room → bus (5)") < lines.index("routes bus → room (1)")
     assert "routes RPC (2)" in lines
     assert any(
         line.split()
@@ -296,3 +296,19 @@ def test_routes_needs_a_sample(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["routes", str(ROOT / "config.example.yaml")])
     assert exit_.value.code == 2
+
+
+def test_http_address_from_the_config_else_the_environment() -> None:
+    from bridge.cli import http_address
+    from bridge.config import ConfigError, parse_config
+
+    head = (ROOT / "config.example.yaml").read_text()
+    without = parse_config(head.replace("  http_port: 8081\n", ""), "c.yaml")
+    with_port = parse_config(head, "c.yaml")
+    assert http_address(without, {}) is None
+    assert http_address(without, {"ROOMBUS_HTTP_PORT": "8081"}) == ("127.0.0.1", 8081)
+    env = {"ROOMBUS_HTTP_PORT": "9000", "ROOMBUS_HTTP_HOST": "0.0.0.0"}
+    assert http_address(without, env) == ("0.0.0.0", 9000)
+    assert http_address(with_port, env) == ("0.0.0.0", 8081)  # the config's port wins
+    with pytest.raises(ConfigError, match="ROOMBUS_HTTP_PORT"):
+        http_address(without, {"ROOMBUS_HTTP_PORT": "http"})
