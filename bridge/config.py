@@ -1067,8 +1067,8 @@ class _Located:
                 if total + sum(c for c, _ in stack) > MAX_NODES:
                     raise ConfigError(
                         [
-                            f"{self._where(event)}: more than {MAX_NODES} values once its"
-                            " aliases are expanded: not a configuration"
+                            f"{self._where(event)}: more than {MAX_NODES} values (counting"
+                            " what aliases repeat): not a configuration"
                         ]
                     )
         finally:
