@@ -140,6 +140,7 @@ class Bridge:
             ServerApi(lk.url, lk.api_key, lk.api_secret) if lk.api_key and lk.api_secret else None
         )
         self.publisher = Publisher(self.counters)
+        self._rate_specs = rate_specs(config.connectors)  # by route; again on every reload
         self.rejections = Rejections(endpoints.sinks, self.publisher, self.counters, self.bridge_id)
         routes = compile_routes(config)
         settings = config.bridge
@@ -189,7 +190,7 @@ class Bridge:
             window=settings.publish_window,
             spool=spooling.route(route.name, settings.overflow) if spooling else None,
             codec=spooling.codec if spooling else None,
-            rate=rate_specs(self.config.connectors).get(route.name),
+            rate=self._rate_specs.get(route.name),
         )
 
     def _pump(self, source: BusSource) -> BusPump:
@@ -204,12 +205,11 @@ class Bridge:
             counters=self.counters,
             bridge_id=self.bridge_id,
             max_in_flight=self.config.bridge.max_in_flight,
-            rates=self._rates(source.routes),
+            rates=self._rates_of(source.routes),
         )
 
-    def _rates(self, routes: Iterable[ToRoomRoute]) -> dict[str, RateSpec]:
-        names = {r.name for r in routes}
-        return {n: s for n, s in rate_specs(self.config.connectors).items() if n in names}
+    def _rates_of(self, routes: Iterable[ToRoomRoute]) -> dict[str, RateSpec]:
+        return {r.name: self._rate_specs[r.name] for r in routes if r.name in self._rate_specs}
 
     # --------------------------------------------------------------- lifecycle
 
@@ -414,9 +414,10 @@ class Bridge:
                 if not await self._enter(sink):
                     self._enter_in_background(sink)
         self.config = new
+        self._rate_specs = rate_specs(new.connectors)
         self.latch.configure(new.connectors)
         for pump in self.pumps:
-            pump.set_rates(self._rates(pump.routes))  # kept MQTT connections: changed limits
+            pump.set_rates(self._rates_of(pump.routes))  # kept MQTT connections: changed limits
         # 3. What comes.
         for route in compile_routes(new):
             if route.name in {*plan.added, *plan.changed} and isinstance(route, ToBusRoute):
