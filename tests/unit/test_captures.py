@@ -10,21 +10,9 @@ from bridge.config import ConfigError, load_config, parse_config
 from bridge.errors import RejectedMessage
 from bridge.router import RoomMessage, ToBusRoute, compile_routes
 from bridge.topics import TemplateError, parse_name_pattern
+from tests.unit.configs import head
 
-HEAD = """\
-livekit:
-  url: ws://127.0.0.1:7880
-  api_key: devkey
-  api_secret: a-secret-of-at-least-32-characters!
-  rooms: [plant-berlin]
-mqtt:
-  plant:
-    host: 127.0.0.1
-kafka:
-  main:
-    bootstrap_servers: [127.0.0.1:9092]
-connectors:
-"""
+HEAD = head("plant-berlin", kafka=True)
 
 
 def config(route: str) -> str:

@@ -9,22 +9,17 @@ from bridge.envelope import Envelope
 from bridge.room.types import Counters
 from bridge.router import RoomDelivery
 from bridge.runtime.latch import Latch
+from tests.unit.configs import head
 
-BASE = """\
-livekit:
-  url: ws://127.0.0.1:7880
-  api_key: devkey
-  api_secret: a-secret-of-at-least-32-characters!
-  rooms: [lobby]
-mqtt:
-  plant:
-    host: 127.0.0.1
-connectors:
+BASE = (
+    head()
+    + """\
   - name: state
     from: {mqtt: plant, topic: "devices/{device}/state"}
     to: {room: lobby, packet: {topic: "state.{device}"}}
     latched: LATCHED
 """
+)
 
 
 def delivery(payload: bytes, room: str = "lobby") -> RoomDelivery:

@@ -13,6 +13,7 @@ from bridge.config import ConfigError, parse_config
 from bridge.room.types import Counters
 from bridge.runtime.ratelimit import Decision, RateLimiter, RateSpec, rate_specs
 from bridge.topics import Target, parse_template
+from tests.unit.configs import head
 
 
 class Clock:
@@ -165,21 +166,15 @@ async def test_the_timer_task_releases_and_can_be_cancelled() -> None:
         await task
 
 
-BASE = """\
-livekit:
-  url: ws://127.0.0.1:7880
-  api_key: devkey
-  api_secret: a-secret-of-at-least-32-characters!
-  rooms: [lobby]
-mqtt:
-  plant:
-    host: 127.0.0.1
-connectors:
+BASE = (
+    head()
+    + """\
   - name: in
     from: {mqtt: plant, topic: "devices/{device}/state"}
     to: {room: lobby, attribute: {key: "{device}"}}
     rate: RATE
 """
+)
 
 
 def test_rate_config_compiles_with_defaults() -> None:

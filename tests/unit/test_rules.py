@@ -9,18 +9,9 @@ import pytest
 from bridge.config import ConfigError, parse_config
 from bridge.router import ToBusRoute, ToRoomRoute, compile_routes
 from bridge.rules import Access, Condition, Participant, RuleError, Where, compile_rules
+from tests.unit.configs import head
 
-HEAD = """\
-livekit:
-  url: ws://127.0.0.1:7880
-  api_key: devkey
-  api_secret: a-secret-of-at-least-32-characters!
-  rooms: [lobby]
-mqtt:
-  plant:
-    host: 127.0.0.1
-connectors:
-"""
+HEAD = head()
 
 MQTT_IN = """\
   - name: in
