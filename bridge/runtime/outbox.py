@@ -114,7 +114,10 @@ class Outbox:
         self._acked: list[int] = []
         self._remove_scheduled = False
         self._read_after = 0  # the spool's last seq read into the buffer
-        self._wake = asyncio.Event()
+        # Idle workers, each waiting on its own future: a new message wakes one of them, not
+        # all `window` (with one shared event every message woke every idle worker, 64 task
+        # steps per message by default, for one of them to find work).
+        self._idle: collections.deque[asyncio.Future[None]] = collections.deque()
         self._in_flight = 0
         self.limiter: RateLimiter[tuple[RoomMessage, dict[str, str]]] | None = None
         if rate is not None:
@@ -194,7 +197,13 @@ class Outbox:
         self._signal()
 
     def _signal(self) -> None:
-        self._wake.set()
+        """Wake one idle worker (it wakes the next if more work is waiting)."""
+        idle = self._idle
+        while idle:
+            waiter = idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     # ------------------------------------------------------------------ the bus side
 
@@ -229,7 +238,7 @@ class Outbox:
         if self._unflushed:
             self._flush()
         while self.depth or self._in_flight:
-            self._wake.set()
+            self._signal()
             await asyncio.sleep(0.02)
 
     def _refill(self) -> None:
@@ -247,6 +256,8 @@ class Outbox:
             if self._rejects:
                 why, rejected = self._rejects.popleft()
                 self._in_flight += 1
+                if self._buffer or self._rejects:
+                    self._signal()
                 try:
                     await self.rejections.decide(
                         self.name, self.route.on_reject, self.route.dead_letter, why, rejected
@@ -257,11 +268,14 @@ class Outbox:
             if not self._buffer:
                 self._refill()
             if not self._buffer:
-                self._wake.clear()
-                await self._wake.wait()
+                waiter = asyncio.get_running_loop().create_future()
+                self._idle.append(waiter)
+                await waiter
                 continue
             seq, out = self._buffer.popleft()
             self._in_flight += 1
+            if self._buffer or self._rejects:
+                self._signal()  # more waiting: another worker takes the next one
             try:
                 await self._publish(seq, out)
             finally:
