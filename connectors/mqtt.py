@@ -99,6 +99,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from bridge.endpoint import Inbound
 from bridge.envelope import Envelope, Outbound
 from bridge.errors import ConnectorError, RejectedMessage
+from connectors.mqtt_publish import PublishProperties, ReceivedPublish, dispatch_publish
 
 log = logging.getLogger("roombus.mqtt")
 
@@ -346,12 +347,12 @@ def topic_filter_problem(topic_filter: str) -> str | None:
     return None
 
 
-def _props_get(props: Properties | None, name: str) -> Any:
+def _props_get(props: Properties | PublishProperties | None, name: str) -> Any:
     return getattr(props, name, None) if props is not None else None
 
 
 def envelope_from_message(
-    source: str, topic: str, message: paho.MQTTMessage
+    source: str, topic: str, message: paho.MQTTMessage | ReceivedPublish
 ) -> tuple[Envelope, int]:
     """Map a received PUBLISH onto an `Envelope`.
 
@@ -609,6 +610,8 @@ class _Client(paho.Client):
     """
 
     prepared_socket: socket.socket | None = None
+    # Receives the PUBLISH packets `decode_publish` decodes (the connector's `_on_message`).
+    fast_receiver: Callable[[paho.Client, Any, Any], None] | None = None
 
     def _create_socket(self) -> paho.SocketLike:
         sock, self.prepared_socket = self.prepared_socket, None
@@ -625,6 +628,19 @@ class _Client(paho.Client):
         """
         self._easy_log(paho.MQTT_LOG_DEBUG, "Sending PUBACK (Mid: %d, reason %d)", mid, reason_code)
         return self._packet_queue(paho.PUBACK, puback_packet(mid, reason_code), mid, 1)
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        """Decode a PUBLISH with `connectors.mqtt_publish` and hand it to `fast_receiver`.
+
+        paho's own path (an `MQTTMessage` with a `Properties` object per message, then its
+        callback matcher) is the fallback for what that decoder leaves to it. With manual
+        acknowledgements paho sends nothing for QoS 0 or 1 here, so skipping it changes only
+        the cost. Relies on paho-mqtt 2.2 internals: `_in_packet`, `_protocol`, `_manual_ack`.
+        """
+        receiver = self.fast_receiver
+        if receiver is not None and dispatch_publish(self, receiver):
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super()._handle_publish()
 
     def _handle_pubrec(self) -> MQTTErrorCode:
         """Treat a PUBREC with a failure reason code as the refusal it is.
@@ -681,6 +697,8 @@ class MqttConnector:
         self._tasks: list[asyncio.Task[None]] = []
         # Connection state.
         self._sock: paho.SocketLike | None = None
+        self._write_scheduled = False  # `_write_now` is due this loop turn
+        self._write_watched = False  # the socket was full: a write watcher is registered
         self._connected = False
         self._connected_or_stopping = asyncio.Event()
         self._lost = asyncio.Event()
@@ -978,6 +996,7 @@ class MqttConnector:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.fast_receiver = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
         return client
@@ -1275,6 +1294,7 @@ class MqttConnector:
         assert self._loop is not None
         self._loop.remove_reader(sock.fileno())
         self._loop.remove_writer(sock.fileno())
+        self._write_watched = False
         self._sock = None
         self._paused = False
         self._socket_closed.set()
@@ -1305,14 +1325,33 @@ class MqttConnector:
     def _on_socket_register_write(
         self, client: paho.Client, userdata: Any, sock: paho.SocketLike
     ) -> None:
+        # paho has packets to write. The socket is almost always writable, so they are written
+        # at the end of this loop turn, together with whatever else this turn queues (a batch of
+        # PUBACKs), instead of through a write watcher: that cost two epoll_ctl calls and a
+        # loop iteration per turn. Only a socket that is full gets the watcher (`_write_now`).
         assert self._loop is not None
-        self._loop.add_writer(sock.fileno(), self._on_writable)
+        if not self._write_scheduled:
+            self._write_scheduled = True
+            self._loop.call_soon(self._write_now)
+
+    def _write_now(self) -> None:
+        self._write_scheduled = False
+        client = self._client
+        sock = self._sock
+        if client is None or sock is None or self._loop is None:
+            return
+        self._on_writable()
+        if client.want_write() and not self._write_watched and client.socket() is sock:
+            self._write_watched = True
+            self._loop.add_writer(sock.fileno(), self._on_writable)
 
     def _on_socket_unregister_write(
         self, client: paho.Client, userdata: Any, sock: paho.SocketLike
     ) -> None:
         assert self._loop is not None
-        self._loop.remove_writer(sock.fileno())
+        if self._write_watched:
+            self._write_watched = False
+            self._loop.remove_writer(sock.fileno())
 
     def _on_readable(self) -> None:
         client = self._client
@@ -1445,7 +1484,9 @@ class MqttConnector:
             self._rx = kept
             self.counters["mqtt.redelivery_purged"] += purged
 
-    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+    def _on_message(
+        self, client: paho.Client, userdata: Any, message: paho.MQTTMessage | ReceivedPublish
+    ) -> None:
         delivery = _Delivery(message.mid, message.qos, self._generation, self._session_epoch)
         if message.qos == 1:
             self._unacked_qos1.append(delivery)

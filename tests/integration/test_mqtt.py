@@ -298,6 +298,56 @@ async def test_mqtt5_properties_round_trip(mosquitto: Mosquitto) -> None:
     assert env.correlation_data == b"\x01\x02corr"
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_qos0_and_qos1_take_the_fast_decoder_and_qos2_paho(
+    mosquitto: Mosquitto, protocol: Protocol, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QoS 0 and 1 bypass paho's per-message objects (`connectors.mqtt_publish`); QoS 2 does not.
+
+    Counted through paho's own `_handle_publish`, which only the fallback reaches.
+    """
+    import paho.mqtt.client as paho_client
+
+    calls: list[int] = []
+    original = paho_client.Client._handle_publish
+
+    def counting(self: paho_client.Client) -> Any:
+        calls.append(self._in_packet["command"])
+        return original(self)
+
+    monkeypatch.setattr(paho_client.Client, "_handle_publish", counting)
+    base = f"fast/{uid()}"
+    async with (
+        running(
+            "mqtt:sub",
+            settings(mosquitto.port, protocol=protocol, client_id=f"s-{uid()}"),
+            (f"{base}/#", 2),
+        ) as sub,
+        running(
+            "mqtt:pub", settings(mosquitto.port, protocol=protocol, client_id=f"p-{uid()}")
+        ) as pub,
+    ):
+        inbox = Inbox(sub)
+        for qos in (0, 1, 2):
+            await pub.publish(
+                Outbound(
+                    topic=f"{base}/{qos}",
+                    payload=f"q{qos}".encode(),
+                    qos=qos,
+                    headers=(("k", "v"),),
+                    content_type="text/plain",
+                )
+            )
+        got = await inbox.wait_for(3)
+        await inbox.close()
+    by_qos = {g.message.qos: g.message for g in got}
+    assert {q: m.payload for q, m in by_qos.items()} == {0: b"q0", 1: b"q1", 2: b"q2"}
+    if protocol == "5":
+        assert all(dict(m.headers) == {"k": "v"} for m in by_qos.values())
+        assert all(m.content_type == "text/plain" for m in by_qos.values())
+    assert [(c & 0x06) >> 1 for c in calls] == [2]  # only the QoS 2 message went through paho
+
+
 async def test_mqtt311_drops_mqtt5_fields_and_counts_them(mosquitto: Mosquitto) -> None:
     topic = f"v311/{uid()}"
     async with (
