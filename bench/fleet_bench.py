@@ -504,6 +504,22 @@ def _chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def _profiled(args: argparse.Namespace, argv: list[str], target: str, case: str) -> list[str]:
+    """With --profile, `argv` (a ``python -m`` or roombus command) under `bench.cpuprofile`."""
+    if not args.profile:
+        return argv
+    out = Path(args.profile).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if argv[0] == ROOMBUS:
+        module, rest = "bridge", argv[1:]
+    else:
+        assert argv[1] == "-m", argv
+        module, rest = argv[2], argv[3:]
+    prof = str(out / f"{target}-{case}.prof")
+    # As a script: the bridge runs outside the checkout, where `bench` is not importable.
+    return [sys.executable, str(ROOT / "bench" / "cpuprofile.py"), prof, "--", module, *rest]
+
+
 async def run_target(
     args: argparse.Namespace, servers: Servers, case: str, target: str, workdir: Path
 ) -> TargetRun:
@@ -529,6 +545,7 @@ async def run_target(
             config.write_text(bridge_config(args, servers, case, run, kafka_topic))
             command = shlex.split(args.bridge_cmd) if args.bridge_cmd else [ROOMBUS]
             argv = [*command, "--log-level", args.bridge_log_level, "run", str(config)]
+            argv = _profiled(args, argv, target, case)
             # Not from the checkout's directory: --bridge-cmd may run another copy of `bridge`.
             target_child = await Child.start(
                 f"bridge-{case}", argv, workdir, control=False, cwd=workdir
@@ -560,6 +577,7 @@ async def run_target(
                 "--out",
                 str(workdir / f"relay-{case}.json"),
             )
+            argv = _profiled(args, argv, target, case)
             target_child = await Child.start(f"relay-{case}", argv, workdir, control=True)
             await target_child.expect("ready", args.ready_timeout)
         # --- the load generators
@@ -688,6 +706,8 @@ async def run_target(
         idle_after = proc_cpu(target_child.proc.pid)
         if idle_before is not None and idle_after is not None and args.idle > 0:
             result.target_idle_share = (idle_after - idle_before) / (t0 - idle_from)
+        if args.profile:
+            target_child.proc.send_signal(signal.SIGUSR1)
         before = {name: proc_cpu(pid) for name, pid in pids.items()}
         machine_before = machine_cpu()
         wall_before = time.monotonic()
@@ -696,6 +716,8 @@ async def run_target(
         machine_after = machine_cpu()
         window = time.monotonic() - wall_before
         result.window_s = window
+        if args.profile:
+            target_child.proc.send_signal(signal.SIGUSR2)
         for name, pid in pids.items():
             start, end = before[name], after[name]
             cpu = (end - start) if start is not None and end is not None else float("nan")
@@ -1030,6 +1052,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mqtt-port", type=int, default=18850)
     p.add_argument("--kafka-port", type=int, default=19392, help="Kafka port (+1 controller)")
     p.add_argument("--health-port", type=int, default=18191, help="the bridge's /ready port")
+    p.add_argument(
+        "--profile",
+        help="cProfile (CPU time) each target over the load window into DIR/<target>-<case>.prof",
+    )
     p.add_argument("--report", help="also write the Markdown report here")
     p.add_argument("--json", help="write every figure as JSON here")
     p.add_argument("--workdir", help="keep configs, logs and result files here")

@@ -1,11 +1,13 @@
 """The bare relay of `bench.fleet_bench`: the bridge's libraries with no routing, the baseline.
 
 Mode ``fleet``: one paho-mqtt (MQTT 5) client on the asyncio loop, as the bridge's connector
-runs it (no paho thread; `add_reader` / `add_writer`, manual acknowledgements), subscribed to
+runs it (no paho thread; `add_reader` / `add_writer`, manual acknowledgements, the connector's
+PUBLISH decoder `connectors.mqtt_publish` instead of paho's), subscribed to
 ``fleet/+/+/telemetry`` at QoS 1. Each message goes, in arrival order, to our participant's
-``publish_data`` in the room named by the topic (one `bridge.room.Room` per room), and is
-acknowledged (PUBACK) when that returns, as the bridge does. Command packets
-``command/<device>`` received in a room are published with QoS 1 to
+``publish_data_tracked`` in the room named by the topic (one `bridge.room.Room` per room), and
+is acknowledged (PUBACK, in arrival order) once livekit-server has it, as the bridge does: the
+baseline gives the same guarantee, so the comparison is of the layer, not of the promise.
+Command packets ``command/<device>`` received in a room are published with QoS 1 to
 ``fleet/<room>/<device>/commands`` (paho keeps up to 100 in flight).
 
 Mode ``kafka``: packets on topic ``bench`` received by our participant go to an aiokafka
@@ -28,7 +30,7 @@ import socket
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
 from bench.fleet_bench import (
     KAFKA_PACKET_TOPIC,
@@ -37,10 +39,12 @@ from bench.fleet_bench import (
     emit,
     write_result,
 )
+from bridge.room.delivery import Delivery
 from bridge.room.events import DataReceived
 from bridge.room.room import Room
 from bridge.room.server_api import mint_token
 from bridge.room.streams import TextStreamReader
+from connectors.mqtt_publish import ReceivedPublish, dispatch_publish
 
 
 class AsyncPaho:
@@ -79,6 +83,21 @@ class AsyncPaho:
             await asyncio.sleep(1)
 
 
+class _Client(paho.Client):
+    """paho with the bridge's PUBLISH decoder (`connectors.mqtt_publish`), as the bridge has it.
+
+    The baseline runs on the same building blocks as the bridge: paho's protocol with the
+    decoder that replaces its per-message objects, and our participant.
+    """
+
+    fast_receiver: Any = None
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        if self.fast_receiver is not None and dispatch_publish(self, self.fast_receiver):
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super()._handle_publish()
+
+
 class Relay:
     """The relay's rooms, bus client and counters."""
 
@@ -89,6 +108,8 @@ class Relay:
         self.counts: collections.Counter[str] = collections.Counter()
         self.errors: collections.Counter[str] = collections.Counter()
         self.inbox: collections.deque[tuple[str, str, bytes, int]] = collections.deque()
+        # Received, sent into the room, not acknowledged yet: (mid, delivery), arrival order.
+        self.unacked: collections.deque[tuple[int, Delivery | None]] = collections.deque()
         self.wake = asyncio.Event()
         self.client: paho.Client | None = None
         self.producer: Any = None
@@ -126,7 +147,7 @@ class Relay:
         self.rooms[name] = room
 
     async def _start_mqtt(self) -> None:
-        client = paho.Client(
+        client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"fleet-relay-{self.args.identity}",
             protocol=MQTTProtocolVersion.MQTTv5,
@@ -149,6 +170,7 @@ class Relay:
         client.on_connect = on_connect
         client.on_subscribe = on_subscribe
         client.on_message = self._on_mqtt
+        client.fast_receiver = self._on_mqtt
         client.connect("127.0.0.1", self.args.mqtt_port, clean_start=True)
         await asyncio.wait_for(connected, 15)
         client.subscribe("fleet/+/+/telemetry", qos=1)
@@ -157,7 +179,9 @@ class Relay:
 
     # --- MQTT -> room
 
-    def _on_mqtt(self, _c: paho.Client, _u: object, message: paho.MQTTMessage) -> None:
+    def _on_mqtt(
+        self, _c: paho.Client, _u: object, message: paho.MQTTMessage | ReceivedPublish
+    ) -> None:
         _, room, device, _ = message.topic.split("/", 3)
         self.inbox.append((room, device, bytes(message.payload), message.mid))
         self.wake.set()
@@ -170,15 +194,32 @@ class Relay:
                 await self.wake.wait()
             room_name, device, payload, mid = self.inbox.popleft()
             room = self.rooms.get(room_name)
+            delivery: Delivery | None = None
             try:
                 if room is None:
                     raise LookupError(f"no room {room_name}")
-                await room.local_participant.publish_data(
-                    payload, topic=f"telemetry.{device}", reliable=True
+                delivery = await room.local_participant.publish_data_tracked(
+                    payload, topic=f"telemetry.{device}"
                 )
-                self.counts["mqtt_to_room"] += 1
             except Exception as exc:  # noqa: BLE001 - counted; a baseline does not retry
                 self.errors[type(exc).__name__] += 1
+            # PUBACK once the server has it (as the bridge does), in arrival order (MQTT 4.6).
+            self.unacked.append((mid, delivery))
+            if delivery is None or delivery.done():
+                self._release_acks()
+            else:
+                delivery.add_done_callback(self._release_acks)
+
+    def _release_acks(self, _done: object = None) -> None:
+        assert self.client is not None
+        unacked = self.unacked
+        while unacked and (unacked[0][1] is None or unacked[0][1].done()):
+            mid, delivery = unacked.popleft()
+            if delivery is not None:
+                if delivery.failed() is None:
+                    self.counts["mqtt_to_room"] += 1
+                else:
+                    self.errors["not delivered"] += 1
             self.client.ack(mid, 1)
 
     # --- room -> bus
