@@ -1,20 +1,21 @@
 # roombus: a small non-root image; `scripts/image` builds it (README "Deployment").
 #
 #   docker build --build-arg BASE=python:3.11-slim -t roombus .      anywhere an image registry
-#   scripts/image                                                     here: a Debian-made base
+#   scripts/image                                                     here: Debian-made bases
 #   docker run --network host -v $PWD/config.yaml:/etc/roombus/config.yaml:ro roombus
 #
-# BASE is any image with python3 (>= 3.11, with its venv module) at /usr/bin or /usr/local/bin:
-# the official python slim image, or roombus-base made by scripts/image from Debian packages
-# (debootstrap --variant=minbase + python3 + python3-venv). Build and runtime stages use the same
-# base so the venv's interpreter link holds. The venv at /opt/roombus holds only what the
-# runtime imports: pip, setuptools and the build tools stay in the build stage.
+# BASE is any image with python3 (>= 3.11) at /usr/bin or /usr/local/bin: the official python
+# slim image, or roombus-base made by scripts/image from Debian packages (debootstrap
+# --variant=minbase + python3, no docs, man pages or locales). BUILD_BASE, for the build stages,
+# is BASE by default; it needs the venv module too, and binutils' strip (installed from Debian
+# where it lacks them): scripts/image passes roombus-build, the same Debian base plus
+# python3-venv and binutils. Both have the same interpreter at the same path, so the venv's
+# interpreter link holds in the last stage. The venv at /opt/roombus holds only what the runtime
+# imports: pip, setuptools and the build tools stay in the build stage.
 ARG BASE=python:3.11-slim
+ARG BUILD_BASE=${BASE}
 
-# deps: the locked dependencies. deploy/wheels/ is empty in the repository (pip takes the index);
-# scripts/image fills it in its build context with the lock's wheels and passes
-# PIP_ARGS=--no-index, so the build needs no network and installs exactly the lock.
-FROM ${BASE} AS deps
+FROM ${BUILD_BASE} AS deps
 ARG PIP_ARGS=""
 WORKDIR /src
 RUN python3 -m venv /opt/roombus
@@ -29,15 +30,30 @@ FROM deps AS build
 COPY pyproject.toml README.md LICENSE ./
 COPY bridge ./bridge
 COPY connectors ./connectors
+COPY deploy/av-stub/av ./av-stub/av
 # --no-deps: every dependency came from the lock; --no-build-isolation: the build backend too, so
 # this layer needs no package index. `pip check` fails the build where the lock and
 # pyproject.toml disagree. Then the build tools and pip leave: the runtime installs nothing.
 RUN /opt/roombus/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps \
       --no-build-isolation . \
- && /opt/roombus/bin/pip check \
- && /opt/roombus/bin/pip uninstall -q -y hatchling pathspec pluggy trove-classifiers \
+ && /opt/roombus/bin/pip check
+# What the runtime never loads leaves the venv (README "Deployment" has the sizes):
+# - The image carries no media codecs. roombus bridges data only and never subscribes to a
+#   track, but aiortc imports PyAV (~105 MB with its FFmpeg libraries, every one of them linked at
+#   `import av`) for its codecs: deploy/av-stub/av takes its place, the names aiortc imports,
+#   raising av.FFmpegError if ever used (tests/deploy/test_av_stub.py checks the names).
+# - cel_expr_python's CEL extensions (ext/: strings, math, encoders, ...; ~37 MB): optional
+#   modules a caller passes to cel.NewEnv(extensions=...), which bridge/rules.py does not.
+# - The extension modules' symbol tables and debug info (strip --strip-unneeded): not the
+#   libraries that auditwheel bundled (*.libs/, stripped already and patched by patchelf).
+RUN command -v strip >/dev/null || { apt-get update -q \
+      && apt-get install -y -q --no-install-recommends binutils && rm -rf /var/lib/apt/lists/*; } \
+ && site=$(/opt/roombus/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))') \
+ && /opt/roombus/bin/pip uninstall -q -y av hatchling pathspec pluggy trove-classifiers \
       setuptools pip \
- && rm -rf /opt/roombus/share
+ && cp -a av-stub/av "$site/av" && /opt/roombus/bin/python -m compileall -q "$site/av" \
+ && rm -rf "$site/cel_expr_python/ext" /opt/roombus/share \
+ && find /opt/roombus -name '*.so' -type f ! -path '*.libs/*' -exec strip --strip-unneeded {} +
 
 FROM ${BASE}
 ARG VERSION=0.0.0

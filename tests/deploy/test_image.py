@@ -104,6 +104,64 @@ def test_image_metadata_user_and_version(image: str) -> None:
     assert out == "[]"
 
 
+# The size budget of issue 14 (README "Deployment" has the sizes layer by layer).
+SIZE_BUDGET = 250_000_000
+
+# What the build stage leaves in the venv, checked inside the image: PyAV is the stand-in
+# (deploy/av-stub) and no FFmpeg library is left; every extension module still imports after
+# `strip --strip-unneeded`; CEL compiles and evaluates a `where:` rule without its ext/ modules.
+VENV_PROBE = """
+import importlib, json, pathlib, sysconfig
+site = pathlib.Path(sysconfig.get_path("purelib"))
+failed = {}
+modules = []
+for so in sorted(site.rglob("*.so")):
+    if so.parent.name.endswith(".libs"):
+        continue
+    name = ".".join(so.relative_to(site).parts).split(".cpython-")[0].split(".abi3")[0]
+    modules.append(name)
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        failed[name] = repr(exc)
+import aiortc, av
+from bridge import rules
+from cel_expr_python import cel
+env = cel.NewEnv(variables={"participant": cel.Type.STRING})
+where = env.compile('!participant.startsWith("agent-")')
+print(json.dumps({
+    "modules": modules, "failed": failed, "av": av.__file__, "av_version": av.__version__,
+    "ffmpeg": sorted(p.name for p in site.glob("av*.libs/*")),
+    "cel_ext": (site / "cel_expr_python" / "ext").exists(),
+    "where": [where.eval(data={"participant": p}).value() for p in ("agent-1", "dashboard")],
+}))
+"""
+
+
+def test_image_size_is_within_budget(image: str) -> None:
+    size = int(docker("image", "inspect", "-f", "{{.Size}}", image))
+    layers = docker("history", "--format", "{{.Size}}\t{{.CreatedBy}}", image)
+    assert size <= SIZE_BUDGET, f"{size / 1e6:.0f} MB > {SIZE_BUDGET / 1e6:.0f} MB:\n{layers}"
+
+
+def test_image_venv_holds_what_the_runtime_loads(image: str) -> None:
+    args = ["run", "--rm", "--network", "none", "--read-only", "--entrypoint", "python3"]
+    result = json.loads(docker(*args, image, "-c", VENV_PROBE).splitlines()[-1])
+    assert result["failed"] == {}, result["failed"]
+    assert any(m.startswith("cel_expr_python.") for m in result["modules"]), result["modules"]
+    assert result["av"].endswith("/site-packages/av/__init__.py")
+    assert result["av_version"] == "0+roombus.no-codecs"
+    assert result["ffmpeg"] == []
+    assert result["cel_ext"] is False
+    assert result["where"] == [False, True]
+
+
+def test_the_bridge_enables_no_cel_extension() -> None:
+    # The image leaves cel_expr_python/ext out: the bridge must not start using it unnoticed.
+    sources = [p.read_text() for d in ("bridge", "connectors") for p in (ROOT / d).rglob("*.py")]
+    assert not [s for s in sources if "cel_expr_python.ext" in s or "extensions=" in s]
+
+
 @pytest.fixture
 async def container(
     image: str,

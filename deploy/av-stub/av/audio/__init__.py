@@ -1,0 +1,5 @@
+"""av.audio."""
+
+from av.audio import frame
+
+__all__ = ["frame"]

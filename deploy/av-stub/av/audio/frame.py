@@ -1,0 +1,5 @@
+"""av.audio.frame."""
+
+from av import AudioFrame
+
+__all__ = ["AudioFrame"]

@@ -1,0 +1,5 @@
+"""av.frame."""
+
+from av import Frame
+
+__all__ = ["Frame"]

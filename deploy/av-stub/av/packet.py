@@ -1,0 +1,5 @@
+"""av.packet."""
+
+from av import Packet
+
+__all__ = ["Packet"]

@@ -1,0 +1,5 @@
+"""av.video.codeccontext."""
+
+from av import VideoCodecContext
+
+__all__ = ["VideoCodecContext"]
