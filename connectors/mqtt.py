@@ -87,7 +87,7 @@ import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -99,7 +99,13 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from bridge.endpoint import Inbound
 from bridge.envelope import Envelope, Outbound
 from bridge.errors import ConnectorError, RejectedMessage
-from connectors.mqtt_publish import PublishProperties, ReceivedPublish, dispatch_publish
+from connectors.mqtt_publish import (
+    PackedProperties,
+    PublishProperties,
+    ReceivedPublish,
+    dispatch_publish,
+    encode_properties,
+)
 
 log = logging.getLogger("roombus.mqtt")
 
@@ -395,15 +401,18 @@ def _new_properties(packet_type: int) -> Properties:
     return props
 
 
-def publish_properties(message: Outbound, *, mqtt5: bool) -> tuple[Properties | None, list[str]]:
-    """The PUBLISH properties for `message`.
+def publish_properties(
+    message: Outbound, *, mqtt5: bool
+) -> tuple[PackedProperties | None, list[str]]:
+    """The PUBLISH properties for `message`, encoded (`connectors.mqtt_publish`).
 
     Headers become user properties; content type, message expiry, response topic and
     correlation data their MQTT 5 properties. On MQTT 3.1.1 there are no properties: the
     fields that were set are returned as dropped (the caller counts and logs them).
 
     Raises:
-        ValueError: a field cannot be encoded (bad response topic, expiry out of range).
+        ValueError: a field cannot be encoded (bad response topic, expiry out of range, a
+            string over 65535 bytes).
     """
     present = [
         name
@@ -420,32 +429,32 @@ def publish_properties(message: Outbound, *, mqtt5: bool) -> tuple[Properties | 
         return None, present
     if not present:
         return None, []
-    props = _new_properties(PacketTypes.PUBLISH)
-    if message.headers:
-        props.UserProperty = [(str(k), str(v)) for k, v in message.headers]
-    if message.content_type is not None:
-        props.ContentType = message.content_type
-    if message.message_expiry is not None:
-        if not 0 < message.message_expiry <= 0xFFFFFFFF:
-            raise ValueError(f"message expiry {message.message_expiry} is not within 1..2**32-1")
-        props.MessageExpiryInterval = int(message.message_expiry)
+    expiry = message.message_expiry
+    if expiry is not None and not 0 < expiry <= 0xFFFFFFFF:
+        raise ValueError(f"message expiry {expiry} is not within 1..2**32-1")
     if message.response_topic is not None:
         problem = topic_name_problem(message.response_topic)
         if problem:
             raise ValueError(f"response topic {message.response_topic!r}: {problem}")
-        props.ResponseTopic = message.response_topic
-    if message.correlation_data is not None:
-        props.CorrelationData = bytes(message.correlation_data)
-    return props, []
+    return (
+        encode_properties(
+            [(str(k), str(v)) for k, v in message.headers],
+            message.content_type,
+            int(expiry) if expiry is not None else None,
+            message.response_topic,
+            bytes(message.correlation_data) if message.correlation_data is not None else None,
+        ),
+        [],
+    )
 
 
 def publish_packet_size(
-    topic: str, payload_len: int, qos: int, properties: Properties | None, *, mqtt5: bool
+    topic: str, payload_len: int, qos: int, properties: PackedProperties | None, *, mqtt5: bool
 ) -> int:
     """The size in bytes of the PUBLISH packet paho will write (what Maximum Packet Size limits)."""
     remaining = 2 + len(topic.encode("utf-8")) + payload_len + (2 if qos > 0 else 0)
     if mqtt5:
-        remaining += len(properties.pack()) if properties is not None else 1  # type: ignore[no-untyped-call]
+        remaining += len(properties) if properties is not None else 1
     length_bytes = 1
     while remaining >= 128**length_bytes and length_bytes < 4:
         length_bytes += 1
@@ -1616,7 +1625,7 @@ class MqttConnector:
     # ---- publishing ------------------------------------------------------------------------
 
     def _check_publish_limits(
-        self, message: Outbound, payload: bytes, props: Properties | None, refuse: str
+        self, message: Outbound, payload: bytes, props: PackedProperties | None, refuse: str
     ) -> None:
         if message.qos > self._server_max_qos:
             self.counters["mqtt.publish_invalid"] += 1
@@ -1639,13 +1648,15 @@ class MqttConnector:
             )
 
     def _submit(
-        self, message: Outbound, payload: bytes, props: Properties | None, refuse: str
+        self, message: Outbound, payload: bytes, props: PackedProperties | None, refuse: str
     ) -> asyncio.Future[None]:
         client = self._client
         assert client is not None and self._loop is not None
         try:
+            # paho only calls pack() on its `properties` (see `PackedProperties`).
+            packed = cast(Properties | None, props)
             info = client.publish(
-                message.topic, payload, message.qos, message.retain, properties=props
+                message.topic, payload, message.qos, message.retain, properties=packed
             )
         except ValueError as exc:
             self.counters["mqtt.publish_invalid"] += 1

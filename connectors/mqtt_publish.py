@@ -10,8 +10,13 @@ to the connector directly.
 
 It decodes only what it fully understands: QoS 0 or 1, a UTF-8 topic, and the properties a
 PUBLISH may carry except Topic Alias (the bridge does not announce a Topic Alias Maximum, so a
-broker never sends one). For anything else — QoS 2, a malformed packet, invalid UTF-8 — it
-returns None and paho decodes the packet as before, with paho's own error handling.
+broker never sends one). For anything else — QoS 2, a malformed packet, invalid UTF-8, a string
+property with U+0000 or U+FEFF — it returns None and paho decodes the packet as before, with
+paho's own error handling.
+
+The other way, `PackedProperties` is the properties of a PUBLISH the bridge sends, encoded once
+(paho's `Properties.pack()` walks its whole name table per call, and the connector needed the
+packed size before paho packed it again).
 """
 
 from __future__ import annotations
@@ -173,7 +178,11 @@ def _string(data: bytes | bytearray, pos: int) -> tuple[str, int]:
     end = pos + 2 + n
     if end > len(data):
         raise IndexError("string runs past the packet")
-    return data[pos + 2 : end].decode("utf-8"), end
+    text = data[pos + 2 : end].decode("utf-8")
+    if "\x00" in text or "\ufeff" in text:
+        # MQTT 1.5.4 forbids them; paho reports such a packet as malformed.
+        raise UnicodeDecodeError("utf-8", b"", 0, 0, "U+0000 or U+FEFF in an MQTT string")
+    return text, end
 
 
 def _properties(
@@ -212,3 +221,81 @@ def _properties(
         else:
             return None  # Topic Alias, or not a PUBLISH property
     return True if pos == end else None
+
+
+class PackedProperties:
+    """PUBLISH properties already encoded, given to paho where it takes a `Properties`.
+
+    paho only calls `pack()` on what it is given (when it writes the PUBLISH, and again if it
+    resends it after a reconnect); `str()` is for its debug log.
+    """
+
+    __slots__ = ("_fields", "_packed")
+
+    def __init__(self, packed: bytes, fields: tuple[object, ...]) -> None:
+        self._packed = packed
+        self._fields = fields  # for `str()` only
+
+    def pack(self) -> bytes:
+        """The property length and the properties, as MQTT 5 §3.3.2.3 lays them out."""
+        return self._packed
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def __str__(self) -> str:
+        user, content_type, expiry, response_topic, correlation = self._fields
+        return (
+            f"[UserProperty: {user}, ContentType: {content_type}, MessageExpiryInterval: "
+            f"{expiry}, ResponseTopic: {response_topic}, CorrelationData: {correlation!r}]"
+        )
+
+
+def encode_properties(
+    user: list[tuple[str, str]],
+    content_type: str | None = None,
+    expiry: int | None = None,
+    response_topic: str | None = None,
+    correlation_data: bytes | None = None,
+) -> PackedProperties:
+    """Encode PUBLISH properties; `ValueError` for a value MQTT cannot carry."""
+    parts: list[bytes] = []
+    if expiry is not None:
+        if not 0 <= expiry <= 0xFFFFFFFF:
+            raise ValueError(f"message expiry {expiry} is not within 0..2**32-1")
+        parts.append(bytes((_MESSAGE_EXPIRY,)) + _U32.pack(expiry))
+    if content_type is not None:
+        parts.append(bytes((_CONTENT_TYPE,)) + _encode_string(content_type, "content type"))
+    if response_topic is not None:
+        parts.append(bytes((_RESPONSE_TOPIC,)) + _encode_string(response_topic, "response topic"))
+    if correlation_data is not None:
+        if len(correlation_data) > 0xFFFF:
+            raise ValueError(f"correlation data of {len(correlation_data)} bytes exceeds 65535")
+        parts.append(bytes((_CORRELATION_DATA,)) + _U16.pack(len(correlation_data)))
+        parts.append(correlation_data)
+    for key, value in user:
+        parts.append(bytes((_USER_PROPERTY,)))
+        parts.append(_encode_string(key, "header name"))
+        parts.append(_encode_string(value, f"header {key!r}"))
+    body = b"".join(parts)
+    fields = (user, content_type, expiry, response_topic, correlation_data)
+    return PackedProperties(_encode_varint(len(body)) + body, fields)
+
+
+def _encode_string(text: str, what: str) -> bytes:
+    data = text.encode("utf-8")
+    if len(data) > 0xFFFF:
+        raise ValueError(f"{what} of {len(data)} bytes exceeds MQTT's 65535")
+    return _U16.pack(len(data)) + data
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)

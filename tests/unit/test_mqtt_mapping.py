@@ -32,6 +32,7 @@ from connectors.mqtt import (
     topic_filter_problem,
     topic_name_problem,
 )
+from connectors.mqtt_publish import encode_properties
 
 
 def _message(
@@ -82,8 +83,11 @@ def test_publish_properties_mqtt5() -> None:
         response_topic="r/1",
         correlation_data=b"c",
     )
-    props, dropped = publish_properties(message, mqtt5=True)
-    assert dropped == [] and props is not None
+    packed, dropped = publish_properties(message, mqtt5=True)
+    assert dropped == [] and packed is not None
+    # Read back by paho's own decoder, from the bytes paho will write.
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.unpack(packed.pack())  # type: ignore[no-untyped-call]
     got = {name: getattr(props, name) for name in props.json()}  # type: ignore[no-untyped-call]
     assert got == {
         "UserProperty": [("a", "1"), ("a", "2")],  # repeated names keep their order
@@ -108,6 +112,8 @@ def test_publish_properties_mqtt311_reports_dropped_fields() -> None:
         Outbound(topic="t", payload=b"", message_expiry=2**32),
         Outbound(topic="t", payload=b"", response_topic="r/+"),
         Outbound(topic="t", payload=b"", response_topic=""),
+        Outbound(topic="t", payload=b"", headers=(("k", "v" * 65536),)),
+        Outbound(topic="t", payload=b"", content_type="\ud800"),
     ],
 )
 def test_publish_properties_rejects_bad_values(message: Outbound) -> None:
@@ -123,8 +129,7 @@ def test_publish_packet_size() -> None:
     assert publish_packet_size("t", 124, 0, None, mqtt5=False) == 1 + 1 + 127
     assert publish_packet_size("t", 125, 0, None, mqtt5=False) == 1 + 2 + 128
     assert publish_packet_size("t", 16_384, 0, None, mqtt5=False) == 1 + 3 + 16_387
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    props.UserProperty = [("k", "v")]  # id 1 + 2+1 + 2+1 = 7, plus the length byte
+    props = encode_properties([("k", "v")])  # id 1 + 2+1 + 2+1 = 7, plus the length byte
     assert publish_packet_size("t", 0, 1, props, mqtt5=True) == 1 + 1 + 3 + 2 + 8
 
 

@@ -1,4 +1,4 @@
-"""`connectors.mqtt_publish.decode_publish` reads every PUBLISH exactly as paho does.
+"""`connectors.mqtt_publish` reads and writes PUBLISH packets exactly as paho does.
 
 The reference is paho's own decoder (`paho.mqtt._packet.decode_publish`) on the same bytes,
 for generated packets; and what the fast decoder leaves to paho (QoS 2, Topic Alias, malformed
@@ -20,9 +20,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from connectors.mqtt import envelope_from_message
-from connectors.mqtt_publish import decode_publish
+from connectors.mqtt_publish import decode_publish, encode_properties
 
-_text = st.text(st.characters(codec="utf-8", blacklist_characters="\x00"), max_size=40)
+_text = st.text(st.characters(codec="utf-8", blacklist_characters="\x00\ufeff"), max_size=40)
 
 
 def _publish(
@@ -147,3 +147,39 @@ def test_malformed_packets_are_left_to_paho(packet: bytes) -> None:
 
 def test_empty_topic_on_3_1_1_is_left_to_paho() -> None:
     assert decode_publish(0x30, b"\x00\x00payload", mqtt5=False) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    user=st.lists(st.tuples(_text, _text), max_size=5),
+    content_type=st.none() | _text,
+    expiry=st.none() | st.integers(0, 2**32 - 1),
+    response=st.none() | _text,
+    correlation=st.none() | st.binary(max_size=30),
+)
+def test_encoded_properties_read_back_by_paho_and_by_us(
+    user: list[tuple[str, str]],
+    content_type: str | None,
+    expiry: int | None,
+    response: str | None,
+    correlation: bytes | None,
+) -> None:
+    packed = encode_properties(user, content_type, expiry, response, correlation).pack()
+    theirs = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    _, length = theirs.unpack(packed)  # type: ignore[no-untyped-call]
+    assert length == len(packed)
+    reference = _props(user, content_type, expiry, response, correlation)
+    assert theirs.json() == reference.json()  # type: ignore[no-untyped-call]
+    ours = decode_publish(0x30, b"\x00\x01t" + packed + b"payload", mqtt5=True)
+    assert ours is not None and ours.payload == b"payload" and ours.properties is not None
+    assert getattr(ours.properties, "UserProperty", []) == user
+    assert getattr(ours.properties, "ContentType", None) == content_type
+    assert getattr(ours.properties, "MessageExpiryInterval", None) == expiry
+    assert getattr(ours.properties, "ResponseTopic", None) == response
+    assert getattr(ours.properties, "CorrelationData", None) == correlation
+
+
+@pytest.mark.parametrize("bad", ["nul\x00", "bom\ufeff"])
+def test_strings_mqtt_forbids_are_left_to_paho(bad: str) -> None:
+    packed = encode_properties([("k", bad)]).pack()
+    assert decode_publish(0x30, b"\x00\x01t" + packed, mqtt5=True) is None
