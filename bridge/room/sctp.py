@@ -5,7 +5,11 @@ spending its time on avoidable work, not on the network:
 
 1. **A task per message.** `_data_channel_send` schedules `ensure_future(_data_channel_flush())`
    for every message; a burst of N sends makes N tasks that each find little or nothing to do.
-   Here one flush is scheduled while none is pending.
+   Here one flush is scheduled per loop turn while none is pending, as a plain callback, and
+   new data goes down DTLS and ICE without the five coroutines of the stock send path (none of
+   them ever suspends: DTLS encrypts in memory and aioice sends with the datagram transport's
+   synchronous `sendto`). Retransmissions, FORWARD-TSN, stream resets and any other ICE
+   protocol keep the stock, awaited path.
 2. **One DATA chunk per packet.** `_transmit` sends every chunk in its own SCTP packet (hence its
    own DTLS record, `sendto` and, at the peer, its own SACK), so 256-byte messages cost a packet
    each. Here new chunks are bundled into packets of up to `SCTP_MAX_PACKET_LENGTH` bytes
@@ -65,6 +69,7 @@ upstream.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -74,8 +79,10 @@ from struct import pack
 from typing import Any
 
 import aiortc
-from aiortc import rtcsctptransport
+from aioice.ice import StunProtocol as _StunProtocol
+from aiortc import rtcdtlstransport, rtcsctptransport
 from aiortc.utils import uint16_add as _uint16_add
+from OpenSSL import SSL
 
 from bridge.room.delivery import Delivery, DeliveryTracker, connection_lost
 
@@ -93,6 +100,7 @@ SCTP_DATA_SACK_IMMEDIATELY = 0x08
 
 _T: Any = _sctp.RTCSctpTransport
 _State: Any = _T.State
+_DTLS_CONNECTED: Any = rtcdtlstransport.State.CONNECTED
 
 # The stock methods we replace or wrap, kept to restore them in `uninstall()`.
 _PATCHED = (
@@ -217,16 +225,35 @@ def _data_channel_send(self: Any, channel: Any, data: bytes | str) -> None:
 
 
 def _schedule_flush(self: Any) -> None:
+    # One flush per loop turn, whatever number of messages the turn queued. It runs as a plain
+    # callback: a task per flush (one per message when messages come one per turn) was a
+    # visible share of the send path's cost. `_flush_soon` falls back to a task when the
+    # flush may have to wait.
     if self._rb_flush_task is None:
-        task = asyncio.ensure_future(_run_flush(self))
-        self._rb_flush_task = task
-        task.add_done_callback(_flush_done)
+        self._rb_flush_task = asyncio.get_running_loop().call_soon(_flush_soon, self)
 
 
-async def _run_flush(self: Any) -> None:
-    # Cleared first: messages queued while this flush awaits get a flush of their own.
+def _flush_soon(self: Any) -> None:
     self._rb_flush_task = None
-    await self._data_channel_flush()
+    try:
+        if _flush_sync(self):
+            return
+    except Exception as exc:  # noqa: BLE001 - as `_flush_done`: the association died under it
+        log.debug("sctp: flush failed: %r", exc)
+        return
+    # Something to retransmit, a FORWARD-TSN, a stream reset or a send path that may suspend:
+    # the stock (async) flush handles them. Messages queued meanwhile get a flush of their own.
+    task = asyncio.ensure_future(self._data_channel_flush())
+    self._rb_flush_task = task
+    task.add_done_callback(functools.partial(_flush_task_done, self))
+
+
+def _flush_task_done(self: Any, task: asyncio.Future[None]) -> None:
+    if self._rb_flush_task is task:
+        self._rb_flush_task = None
+    _flush_done(task)
+    if self._data_channel_queue and self._rb_flush_task is None:
+        _schedule_flush(self)
 
 
 def _flush_done(task: asyncio.Future[None]) -> None:
@@ -234,6 +261,62 @@ def _flush_done(task: asyncio.Future[None]) -> None:
     # too, the connection state change reports it.
     if not task.cancelled() and task.exception() is not None:
         log.debug("sctp: flush failed: %r", task.exception())
+
+
+def _sync_route(self: Any) -> tuple[Any, Any] | None:
+    """(DTLS transport, nominated ICE pair) when a packet can be sent without awaiting.
+
+    The stock path awaits five coroutines (DTLS `_send_data`, `_write_ssl`, aioice's
+    `Connection.send`, `sendto`, `StunProtocol.send_data`) none of which ever suspends: the
+    datagram goes out with the transport's synchronous `sendto`. That holds for aioice's
+    `StunProtocol` (host, server-reflexive and TURN relayed pairs alike); anything else, or a
+    connection not (or no longer) established, takes the stock path.
+    """
+    dtls = self._RTCSctpTransport__transport
+    # A transport other than aiortc's (a test's in-memory link), or one whose `_send_data` was
+    # replaced on the instance (a test cutting the link), takes the stock path.
+    if getattr(dtls, "_state", None) is not _DTLS_CONNECTED or "_send_data" in vars(dtls):
+        return None
+    connection = getattr(dtls.transport, "_connection", None)
+    if connection is None:
+        return None
+    pair = connection._nominated.get(1)
+    if pair is None or type(pair.protocol) is not _StunProtocol:
+        return None
+    return dtls, pair
+
+
+def _send_packet_sync(route: tuple[Any, Any], packet: bytes) -> None:
+    """Encrypt one SCTP packet and send its DTLS record (what `_send_data` does, without awaits)."""
+    dtls, pair = route
+    ssl = dtls._ssl
+    ssl.send(packet)
+    try:
+        record = ssl.bio_read(1500)
+    except SSL.Error:
+        return
+    if record:
+        pair.protocol.transport.sendto(record, pair.remote_addr)
+        dtls._RTCDtlsTransport__tx_bytes += len(record)
+        dtls._RTCDtlsTransport__tx_packets += 1
+
+
+def _flush_sync(self: Any) -> bool:
+    """`_data_channel_flush` without awaiting, where possible; False: use the async one.
+
+    Only new data goes this way: retransmissions, a pending FORWARD-TSN or stream reset, and a
+    send path that may suspend leave it to the stock code.
+    """
+    if self._association_state != _State.ESTABLISHED:
+        return True  # as the async flush: nothing to do until established
+    if self._rb_rtx_pending or self._forward_tsn_chunk is not None or self._reconfig_queue:
+        return False
+    route = _sync_route(self)
+    if route is None:
+        return False
+    if _move_queued(self):
+        _transmit_new(self, lambda packet: _send_packet_sync(route, packet))
+    return True
 
 
 def _flush_budget(self: Any) -> int:
@@ -266,8 +349,19 @@ async def _data_channel_flush(self: Any) -> None:
     Stock aiortc moves a message only when SCTP's outbound queue is empty, one at a time, and
     transmits each on its own; moving a window's worth first lets `_transmit` bundle them.
     """
+    if _flush_sync(self):
+        return
     if self._association_state != _State.ESTABLISHED:
         return
+    moved = _move_queued(self)
+    if moved:
+        await self._transmit()
+    # A stream reset may have been waiting for these messages.
+    await self._transmit_reconfig()
+
+
+def _move_queued(self: Any) -> bool:
+    """Move data channel messages onto SCTP's outbound queue, within `_flush_budget`."""
     queue = self._data_channel_queue
     outbound_bytes = sum(len(chunk.user_data) for chunk in self._outbound_queue)
     budget = _flush_budget(self)
@@ -300,10 +394,7 @@ async def _data_channel_flush(self: Any) -> None:
             channel._addBufferedAmount(-len(user_data))
         outbound_bytes += len(user_data)
         moved = True
-    if moved:
-        await self._transmit()
-    # A stream reset may have been waiting for these messages.
-    await self._transmit_reconfig()
+    return moved
 
 
 def _enqueue(
@@ -355,12 +446,21 @@ def _enqueue(
         user_data.delivery.tsn = _sctp.tsn_minus_one(self._local_tsn)
 
 
-async def _send_bundle(self: Any, chunks: list[bytes]) -> None:
-    """Send serialized chunks as one SCTP packet (common header and CRC32c as aiortc does)."""
+def _packet(self: Any, chunks: list[bytes]) -> bytes:
+    """Serialized chunks as one SCTP packet (common header and CRC32c as aiortc does)."""
     header = pack("!HHL", self._local_port, self._remote_port, self._remote_verification_tag)
     body = b"".join(chunks)
     checksum = _sctp.crc32c(header + b"\x00\x00\x00\x00" + body)
-    await self._RTCSctpTransport__transport._send_data(header + pack("<L", checksum) + body)
+    return header + pack("<L", checksum) + body
+
+
+def _burst_window(self: Any) -> int:
+    """What may be in flight after this transmit: aiortc's burst limit within the cwnd."""
+    if self._fast_recovery_exit is not None:
+        burst_size = 2 * _sctp.USERDATA_MAX_LENGTH
+    else:
+        burst_size = 4 * _sctp.USERDATA_MAX_LENGTH
+    return min(self._flight_size + burst_size, self._cwnd)  # type: ignore[no-any-return]
 
 
 async def _transmit(self: Any) -> None:
@@ -374,12 +474,7 @@ async def _transmit(self: Any) -> None:
         if not self._t3_handle:
             self._t3_start()
 
-    if self._fast_recovery_exit is not None:
-        burst_size = 2 * _sctp.USERDATA_MAX_LENGTH
-    else:
-        burst_size = 4 * _sctp.USERDATA_MAX_LENGTH
-    cwnd = min(self._flight_size + burst_size, self._cwnd)
-
+    cwnd = _burst_window(self)
     if self._rb_rtx_pending:
         # Retransmissions, exactly as aiortc (one chunk per packet; they are rare).
         retransmit_earliest = True
@@ -399,13 +494,29 @@ async def _transmit(self: Any) -> None:
             retransmit_earliest = False
         self._rb_rtx_pending = False
 
+    dtls = self._RTCSctpTransport__transport
+    for packet in _new_packets(self, cwnd):
+        await dtls._send_data(packet)
+
+
+def _transmit_new(self: Any, send: Callable[[bytes], None]) -> None:
+    """`_transmit` when nothing waits for retransmission: new data only, sent by `send`."""
+    for packet in _new_packets(self, _burst_window(self)):
+        send(packet)
+
+
+def _new_packets(self: Any, cwnd: int) -> list[bytes]:
+    """Take new DATA chunks off the outbound queue, within `cwnd`, bundled into packets.
+
+    New data also respects the peer's receive window (retransmissions do not need to: they
+    replace data the peer counted already).
+    """
     outbound = self._outbound_queue
-    # New data also respects the peer's receive window (retransmissions above do not need to:
-    # they replace data the peer counted already).
     cwnd = min(cwnd, _send_window(self))
     if not outbound or self._flight_size >= cwnd:
-        return
+        return []
     limit = _sctp.SCTP_MAX_PACKET_LENGTH - _sctp.SCTP_COMMON_HEADER_LENGTH
+    packets: list[bytes] = []
     bundle: list[bytes] = []
     size = 0
     now = time.time()
@@ -423,14 +534,15 @@ async def _transmit(self: Any) -> None:
             chunk.flags |= SCTP_DATA_SACK_IMMEDIATELY
         data = bytes(chunk)
         if bundle and size + len(data) > limit:
-            await _send_bundle(self, bundle)
+            packets.append(_packet(self, bundle))
             bundle, size = [], 0
         bundle.append(data)
         size += len(data)
         if not self._t3_handle:
             self._t3_start()
     if bundle:
-        await _send_bundle(self, bundle)
+        packets.append(_packet(self, bundle))
+    return packets
 
 
 def _wrap_receive_sack(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:

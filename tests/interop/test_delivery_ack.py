@@ -198,3 +198,36 @@ async def test_delivery_latency_is_reported(
                     f"p50 {statistics.median(values):.2f} ms, "
                     f"p99 {_percentile(values, 0.99):.2f} ms, max {max(values):.2f} ms"
                 )
+
+
+async def test_new_data_takes_the_synchronous_send_path(
+    livekit_server: LiveKitServer, room_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against the real server, new data goes out through `sctp._send_packet_sync`.
+
+    That path is an optimization that quietly falls back to aiortc's awaited one when the
+    internals it reads are not as expected (a newer aiortc, another ICE protocol): this makes
+    the fallback visible. Every packet is still delivered.
+    """
+    from bridge.room import sctp
+
+    sent: list[int] = []
+    original = sctp._send_packet_sync
+
+    def counting(route: Any, packet: bytes) -> None:
+        sent.append(len(packet))
+        original(route, packet)
+
+    monkeypatch.setattr(sctp, "_send_packet_sync", counting)
+    async with (
+        sdk_peer(livekit_server, room_name, "sdk") as sdk,
+        our_peer(livekit_server, room_name, "ours") as ours,
+    ):
+        got = _collect(sdk)
+        await eventually(lambda: "ours" in sdk.remote_participants, what="sdk sees us")
+        before = len(sent)
+        for i in range(50):
+            await ours.local_participant.publish_data(f"m{i}".encode(), wait_delivered=True)
+        await eventually(lambda: len(got) == 50, what="every packet at the sdk peer")
+    assert got == [f"m{i}".encode() for i in range(50)]
+    assert len(sent) - before >= 50  # one packet each at least: each waited for its SACK
