@@ -1,7 +1,8 @@
 """Idle rooms: what N joined rooms with no traffic cost the bridge, and where that CPU goes.
 
     scripts/netns .venv/bin/python -m bench.idle_rooms_bench [--rooms 50 200 300] [--window 60]
-        [--settle 10] [--profile FILE] [--profile-rooms N] [--report FILE] [--json FILE]
+        [--settle 10] [--single-peer-connection auto true false] [--profile FILE]
+        [--profile-rooms N] [--report FILE] [--json FILE]
 
 Starts livekit-server (port 7970) and Mosquitto (18860) inside the test namespace. For each
 room count N of ``--rooms`` it creates N rooms through the server API, runs the real bridge
@@ -10,9 +11,15 @@ room→MQTT route (packets on ``telemetry``) and one MQTT→room route (``idle/{
 waits until ``/ready`` answers 200 (every room joined, the bus connected), lets it settle for
 ``--settle`` s and then measures, over ``--window`` s with no traffic at all:
 
+With several values of ``--single-peer-connection`` (``livekit.single_peer_connection`` of
+the bridge: ``true`` one peer connection per room, ``false`` two, ``auto`` the default) every
+room count runs once per value, the values alternating, so that the modes see the same server
+and about the same load on the machine.
+
 * the bridge's CPU (utime + stime of all threads from ``/proc/<pid>/stat``) as a share of one
   core, also per thread (``/proc/<pid>/task``);
-* its RSS (total and per room) and number of threads;
+* its RSS (total and per room), number of threads and UDP sockets (each ICE agent has its
+  own host candidate sockets: the socket count shows how many peer connections there are);
 * livekit-server's CPU share over the same window, the machine's busy cores and the load
   average (the machine is shared: other work shows up there, not in the bridge's figures).
 
@@ -68,7 +75,9 @@ def room_names(count: int) -> list[str]:
     return [f"idle{count}-{i:03d}" for i in range(count)]
 
 
-def bridge_config(args: argparse.Namespace, lk: Any, mqtt_port: int, rooms: list[str]) -> str:
+def bridge_config(
+    args: argparse.Namespace, lk: Any, mqtt_port: int, rooms: list[str], single_pc: str = "auto"
+) -> str:
     """A config joining `rooms` by name, with one room→MQTT and one MQTT→room route."""
     prefix = rooms[0].rsplit("-", 1)[0]
     return f"""\
@@ -78,6 +87,7 @@ livekit:
   api_secret: {lk.api_secret}
   identity: bridge
   rooms: [{", ".join(rooms)}]
+  single_peer_connection: {single_pc}
 mqtt:
   bus: {{host: 127.0.0.1, port: {mqtt_port}, client_id: idle-bridge-{uuid.uuid4().hex[:8]},
         clean_start: true}}
@@ -123,6 +133,25 @@ def user_sys(pid: int) -> tuple[float, float]:
     return 0.0, 0.0
 
 
+def udp_sockets(pid: int) -> int:
+    """UDP sockets `pid` holds (those of its network namespace's UDP tables); 0 if it is gone."""
+    inodes: set[str] = set()
+    for table in ("udp", "udp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9:
+                    inodes.add(fields[9])
+    count = 0
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                link = os.readlink(fd)
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    count += 1
+    return count
+
+
 def thread_count(pid: int) -> int:
     """Threads of `pid` (0 if it is gone)."""
     with contextlib.suppress(OSError):
@@ -141,6 +170,7 @@ class IdleRun:
 
     rooms: int
     profiled: bool = False
+    single_pc: str = "auto"  # livekit.single_peer_connection of the bridge
     error: str = ""
     join_s: float = float("nan")  # start of the process to /ready 200
     window_s: float = 0.0
@@ -151,6 +181,7 @@ class IdleRun:
     rss_mb: float = 0.0
     hwm_mb: float = 0.0
     threads: int = 0
+    udp_sockets: int = 0
     thread_shares: dict[str, float] = field(default_factory=dict)
     machine_busy_cores: float = float("nan")
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -196,14 +227,20 @@ def _wait_for_file(path: str, within: float) -> bool:
 
 
 async def measure(
-    args: argparse.Namespace, lk: Any, mqtt_port: int, count: int, workdir: Path, profile: str
+    args: argparse.Namespace,
+    lk: Any,
+    mqtt_port: int,
+    count: int,
+    workdir: Path,
+    profile: str,
+    single_pc: str = "auto",
 ) -> IdleRun:
     """Run the bridge with `count` idle rooms and measure it (profiled if `profile` is set)."""
-    result = IdleRun(count, profiled=bool(profile))
+    result = IdleRun(count, profiled=bool(profile), single_pc=single_pc)
     rooms = room_names(count)
-    tag = f"{count}{'-profiled' if profile else ''}"
+    tag = f"{count}-spc-{single_pc}{'-profiled' if profile else ''}"
     config = workdir / f"bridge-{tag}.yaml"
-    config.write_text(bridge_config(args, lk, mqtt_port, rooms))
+    config.write_text(bridge_config(args, lk, mqtt_port, rooms, single_pc))
     roombus_args = ["--log-level", args.bridge_log_level, "run", str(config)]
     if profile:
         argv = [sys.executable, "-m", "bench.idle_rooms_bench", "profiled-bridge", profile]
@@ -249,6 +286,7 @@ async def measure(
         result.machine_busy_cores = (machine_after[0] - machine_before[0]) / window
         result.rss_mb, result.hwm_mb = proc_rss_mb(pid)
         result.threads = thread_count(pid)
+        result.udp_sockets = udp_sockets(pid)
         result.thread_shares = {
             name: (cpu - threads_before.get(name, 0.0)) / window
             for name, cpu in sorted(threads_after.items(), key=lambda kv: -kv[1])
@@ -387,30 +425,43 @@ def render(runs: list[IdleRun], args: argparse.Namespace, profile: str) -> str:
     for run in runs:
         if run.error:
             kind = "profiled " if run.profiled else ""
-            lines += [f"**{kind}{run.rooms} rooms: failed**: {run.error}", ""]
+            lines += [
+                f"**{kind}{run.rooms} rooms (single_peer_connection {run.single_pc}): failed**: "
+                f"{run.error}",
+                "",
+            ]
     lines += [
-        "| rooms | run | join s | bridge % core | user / sys % | % per 100 rooms | ≤ 5 % "
-        "| RSS MB | RSS MB/room | marginal MB/room | threads | livekit-server % core "
-        "| machine busy cores "
+        "| rooms | single PC | run | join s | bridge % core | user / sys % | % per 100 rooms "
+        "| ≤ 5 % | RSS MB | RSS MB/room | marginal MB/room | threads | UDP sockets "
+        "| livekit-server % core | machine busy cores "
         "| load avg before → after |",
-        "|---:|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "|---:|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    # The smallest plain run is the base the marginal memory per room is counted from.
-    plain = sorted((r for r in runs if not r.error and not r.profiled), key=lambda r: r.rooms)
-    base = plain[0] if len({r.rooms for r in plain}) > 1 else None
+    # Per mode, the smallest plain run is the base the marginal memory per room is counted from.
+    bases: dict[str, IdleRun] = {}
+    for mode in {r.single_pc for r in runs}:
+        plain = sorted(
+            (r for r in runs if not r.error and not r.profiled and r.single_pc == mode),
+            key=lambda r: r.rooms,
+        )
+        if len({r.rooms for r in plain}) > 1:
+            bases[mode] = plain[0]
     for run in runs:
         if run.error:
             continue
         share = run.bridge_share * 100
         marginal = float("nan")
+        base = bases.get(run.single_pc)
         if base is not None and run.rooms > base.rooms and not run.profiled:
             marginal = (run.rss_mb - base.rss_mb) / (run.rooms - base.rooms)
         meets = "-" if run.profiled else ("yes" if run.bridge_share <= TARGET_SHARE else "no")
         lines.append(
-            f"| {run.rooms} | {'cProfile' if run.profiled else 'plain'} | {_f(run.join_s)} "
+            f"| {run.rooms} | {run.single_pc} | {'cProfile' if run.profiled else 'plain'} "
+            f"| {_f(run.join_s)} "
             f"| {_f(share, 2)} | {_f(run.user_share * 100, 2)} / {_f(run.sys_share * 100, 2)} "
             f"| {_f(share / run.rooms * 100, 2)} | {meets} | {_f(run.rss_mb)} "
             f"| {_f(run.rss_mb / run.rooms, 2)} | {_f(marginal, 2)} | {run.threads} "
+            f"| {run.udp_sockets} "
             f"| {_f(run.livekit_share * 100, 2)} "
             f"| {_f(run.machine_busy_cores, 2)} "
             f"| {' / '.join(f'{v:.2f}' for v in run.load_before)} → "
@@ -423,7 +474,7 @@ def render(runs: list[IdleRun], args: argparse.Namespace, profile: str) -> str:
         busy = [(n, s) for n, s in run.thread_shares.items() if s > 0 or n == "main"]
         shown = ", ".join(f"{name} {share * 100:.2f} %" for name, share in busy[:8]) or "none"
         kind = " (cProfile)" if run.profiled else ""
-        lines.append(f"- {run.rooms} rooms{kind}: {shown}")
+        lines.append(f"- {run.rooms} rooms, single PC {run.single_pc}{kind}: {shown}")
         for note in run.notes:
             lines.append(f"  - note: {note}")
     if profile and Path(profile).exists():
@@ -465,14 +516,17 @@ async def run(args: argparse.Namespace) -> int:
                 await asyncio.to_thread(service.start)
                 started.append(service)
             for count in args.rooms:
-                print(f"idle_rooms_bench: {count} rooms ...", file=sys.stderr, flush=True)
-                runs.append(await measure(args, lk, mq.port, count, workdir, ""))
-                if runs[-1].error:
-                    print(f"idle_rooms_bench: {count} rooms: {runs[-1].error}", file=sys.stderr)
+                for mode in args.single_peer_connection:
+                    what = f"{count} rooms, single_peer_connection {mode}"
+                    print(f"idle_rooms_bench: {what} ...", file=sys.stderr, flush=True)
+                    runs.append(await measure(args, lk, mq.port, count, workdir, "", mode))
+                    if runs[-1].error:
+                        print(f"idle_rooms_bench: {what}: {runs[-1].error}", file=sys.stderr)
             if profile:
                 count = args.profile_rooms or max(args.rooms)
+                mode = args.single_peer_connection[0]
                 print(f"idle_rooms_bench: {count} rooms, profiled ...", file=sys.stderr)
-                runs.append(await measure(args, lk, mq.port, count, workdir, profile))
+                runs.append(await measure(args, lk, mq.port, count, workdir, profile, mode))
         finally:
             for service in reversed(started):
                 await asyncio.to_thread(service.stop)
@@ -494,6 +548,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rooms", type=int, nargs="+", default=[200], help="room counts to measure")
     p.add_argument("--window", type=float, default=60.0, help="measured idle seconds")
     p.add_argument("--settle", type=float, default=10.0, help="seconds after /ready, unmeasured")
+    p.add_argument(
+        "--single-peer-connection",
+        nargs="+",
+        choices=["auto", "true", "false"],
+        default=["auto"],
+        help="the bridge's livekit.single_peer_connection; several: each room count once per "
+        "value (the profiled run uses the first)",
+    )
     p.add_argument("--profile", default="", help="also run once under cProfile; pstats file")
     p.add_argument("--profile-rooms", type=int, default=0, help="rooms of the profiled run")
     p.add_argument("--top", type=int, default=15, help="functions per profile table")

@@ -1,11 +1,20 @@
 """`Room`: our LiveKit participant — one connection to one room, kept up until closed.
 
-A *session* is one signalling socket plus its two peer connections. `Room.connect` opens the
-first; when a session is lost (socket closed, pings unanswered, a peer connection failed, or the
-server asks us to leave and come back) the supervisor opens a new one with jittered exponential
-backoff — aiortc cannot ICE-restart, so every recovery is a full rejoin with a new sid. Pending
-RPCs fail and open streams abort at that moment; after the rejoin the participant state is
-diffed against what we held, so subscribers see what changed during the outage.
+A *session* is one signalling socket plus its peer connections: one in LiveKit's single peer
+connection mode (`/rtc/v1`, our offer, both directions on its `_reliable` and `_lossy`
+channels), two in the dual mode (`/rtc`: a publisher connection we offer for upstream data, a
+subscriber connection the server offers for downstream data). `RoomOptions.single_peer_connection`
+picks the mode; "auto" (the default) tries single and falls back to dual when the server has no
+`/rtc/v1` (HTTP 404: livekit-server < 1.9.1), as the official SDKs do. One connection instead
+of two halves the ICE agents, whose connectivity and consent checks are most of what an idle
+room costs.
+
+`Room.connect` opens the first session; when a session is lost (socket closed, pings
+unanswered, a peer connection failed, or the server asks us to leave and come back) the
+supervisor opens a new one with jittered exponential backoff — aiortc cannot ICE-restart, so
+every recovery is a full rejoin with a new sid, in either mode. Pending RPCs fail and open
+streams abort at that moment; after the rejoin the participant state is diffed against what we
+held, so subscribers see what changed during the outage.
 
 Inbound data takes three bounded paths, each drained in order by its own task: user packets and
 state changes go to the event hub (`Room.on`, `Room.events`), stream packets to the
@@ -18,9 +27,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import tenacity
 from aiortc import RTCConfiguration, RTCDataChannel
@@ -46,7 +55,12 @@ from bridge.room.events import (
 from bridge.room.packets import ReceiveDeduper, decode, encode, received_user_packet
 from bridge.room.participant import LocalParticipant, RemoteParticipant
 from bridge.room.rpc import RpcFallbackHandler, RpcManager
-from bridge.room.signal import JoinParams, SignalClient, SignalClosedError
+from bridge.room.signal import (
+    JoinParams,
+    SignalClient,
+    SignalClosedError,
+    SinglePcUnsupportedError,
+)
 from bridge.room.state import ParticipantDisconnected, RoomState
 from bridge.room.streams import ByteStreamHandler, StreamManager, TextStreamHandler
 from bridge.room.tasks import spawn
@@ -75,6 +89,9 @@ class RoomOptions:
 
     # Subscribe to media tracks: never needed for data, and aiortc + media re-offers are fragile.
     auto_subscribe: bool = False
+    # One peer connection for both directions (`/rtc/v1`), two (`/rtc`), or "auto": single,
+    # and dual when the server answers 404 on `/rtc/v1` (remembered for the rejoins).
+    single_peer_connection: bool | Literal["auto"] = "auto"
     # Signalling socket up and JoinResponse received within this many seconds.
     join_timeout: float = 10.0
     # Both peer connections and data channels up within this many seconds after joining.
@@ -100,19 +117,31 @@ class RoomOptions:
 
 
 class _Session:
-    """One signalling socket and its two peer connections."""
+    """One signalling socket and its peer connections (one or two, see the module docstring)."""
 
-    def __init__(self, join: rtc.JoinResponse, signal: SignalClient, config: RTCConfiguration):
+    def __init__(
+        self,
+        join: rtc.JoinResponse,
+        signal: SignalClient,
+        config: RTCConfiguration,
+        *,
+        single_pc: bool,
+    ):
         self.join = join
         self.signal = signal
         self.config = config
+        self.single_pc = single_pc
+        # `publisher`: the connection we offer, with our `_reliable` and `_lossy` (upstream
+        # data). `subscriber`: the one downstream data arrives on. In single peer connection
+        # mode they are the same transport.
         self.subscriber: PeerTransport | None = None
         self.publisher: PeerTransport | None = None
         self.reliable: FlowControlledChannel | None = None
         self.lossy: FlowControlledChannel | None = None
         self.channels_open = asyncio.Event()
-        # The server's `_reliable` channel on the subscriber connection: downstream data (and
-        # server-initiated RPC, refused with "data channel is not available" until it is open).
+        # The `_reliable` channel downstream data arrives on (and server-initiated RPC,
+        # refused with "data channel is not available" until it is open): the server's on the
+        # subscriber connection in dual mode, our own in single mode.
         self.downstream_open = asyncio.Event()
         self.next_seq = 1
         self.offer_id = 0
@@ -152,6 +181,8 @@ class Room:
         )
         self._deduper = ReceiveDeduper()
         self._session: _Session | None = None
+        # "auto" found the server without `/rtc/v1`: its rejoins go to `/rtc` straight away.
+        self._single_pc_unsupported = False
         self._url = ""
         self._token = ""
         self._renew_token: Callable[[], str] | None = None
@@ -184,6 +215,12 @@ class Room:
     def isconnected(self) -> bool:
         """Whether a session is up (sends can go out)."""
         return self._connection_state == "connected"
+
+    @property
+    def single_peer_connection(self) -> bool | None:
+        """Whether the current session runs on one peer connection (None: no session)."""
+        session = self._session
+        return None if session is None else session.single_pc
 
     @property
     def name(self) -> str:
@@ -441,54 +478,87 @@ class Room:
 
     # ------------------------------------------------------------ sessions
 
-    async def _open_session(self) -> tuple[_Session, list[object]]:
-        """Join once: signalling, both peer connections, data channels. Returns the state diff."""
-        signal = SignalClient(self.counters)
+    async def _join_signal(self) -> tuple[SignalClient, rtc.JoinResponse, bool]:
+        """Open the signalling socket on the path the options ask for (see `RoomOptions`).
+
+        Returns the client, the JoinResponse and whether the session is single peer connection.
+        """
+        mode = self.options.single_peer_connection
+        single = mode is True or (mode == "auto" and not self._single_pc_unsupported)
         params = JoinParams(
             client_protocol=self.options.client_protocol,
             capabilities=self.options.capabilities,
             auto_subscribe=self.options.auto_subscribe,
+            single_peer_connection=single,
         )
+        signal = SignalClient(self.counters)
+        try:
+            join = await signal.connect(
+                self._url, self._token, params, join_timeout=self.options.join_timeout
+            )
+            return signal, join, single
+        except SinglePcUnsupportedError as exc:
+            if mode is True:
+                raise
+            log.warning("room: %s; joining with dual peer connections (/rtc) instead", exc)
+            self.counters.inc("signal.single_pc_fallback")
+        params = replace(params, single_peer_connection=False)
+        signal = SignalClient(self.counters)
         join = await signal.connect(
             self._url, self._token, params, join_timeout=self.options.join_timeout
         )
+        # Only now: a 404 on both paths is a missing room, not an old server.
+        self._single_pc_unsupported = True
+        return signal, join, False
+
+    async def _open_session(self) -> tuple[_Session, list[object]]:
+        """Join once: signalling, peer connection(s), data channels. Returns the state diff."""
+        signal, join, single = await self._join_signal()
         servers = self.options.ice_servers
         config = ice_configuration(join.ice_servers if servers is None else servers)
-        session = _Session(join, signal, config)
+        session = _Session(join, signal, config, single_pc=single)
         try:
-            session.subscriber = PeerTransport(
-                rtc.SignalTarget.SUBSCRIBER,
-                config,
-                self.counters,
-                on_datachannel=lambda channel: self._on_datachannel(session, channel),
-                on_failed=lambda why: self._session_lost(session, why, True),
-            )
             session.publisher = PeerTransport(
                 rtc.SignalTarget.PUBLISHER,
                 config,
                 self.counters,
                 on_datachannel=lambda channel: self._on_datachannel(session, channel),
                 on_failed=lambda why: self._session_lost(session, why, True),
+                name="single" if single else None,
             )
+            if single:
+                session.subscriber = session.publisher
+            else:
+                session.subscriber = PeerTransport(
+                    rtc.SignalTarget.SUBSCRIBER,
+                    config,
+                    self.counters,
+                    on_datachannel=lambda channel: self._on_datachannel(session, channel),
+                    on_failed=lambda why: self._session_lost(session, why, True),
+                )
             self._prepare_publisher(session)
             session.reader = spawn(self._read_signal(session), name="lk-signal", owner=self._tasks)
             signal.start_pings(join.ping_interval or 5, join.ping_timeout or 15)
             await self._negotiate_publisher(session)
             try:
                 async with asyncio.timeout(self.options.webrtc_timeout):
+                    # Single mode: our channels carry both directions, and the server counts
+                    # us established once both are open (livekit-protocol.md §1.8).
                     await session.channels_open.wait()
-                    if join.subscriber_primary:
+                    if not single and join.subscriber_primary:
                         # Otherwise (a token without canSubscribe) the server sends no offer and
                         # downstream data comes on the publisher's own channels.
                         await session.subscriber.connected.wait()
                         await session.downstream_open.wait()
             except TimeoutError as exc:
+                states = ", ".join(f"{t.name} {t.pc.connectionState}" for t in _transports(session))
+                # Connected but not open: the DTLS/SCTP handshakes are what is late (load).
+                opened = "open" if session.channels_open.is_set() else "not open"
+                states += f"; our data channels {opened}"
                 raise ServerUnreachableError(
                     f"room: WebRTC to {self._url} did not connect within "
-                    f"{self.options.webrtc_timeout:.0f} s (subscriber "
-                    f"{session.subscriber.pc.connectionState}, publisher "
-                    f"{session.publisher.pc.connectionState}); check the server's node IP and "
-                    "UDP port reachability"
+                    f"{self.options.webrtc_timeout:.0f} s ({states}); check the server's node "
+                    "IP and UDP port reachability"
                 ) from exc
             if session.lost:
                 raise ServerUnreachableError("room: session lost while joining")
@@ -498,12 +568,13 @@ class Room:
         self._deduper.clear()
         events: list[object] = list(self._state.reset(join))
         log.info(
-            "room: joined %r as %r (sid %s, server %s, %d others)",
+            "room: joined %r as %r (sid %s, server %s, %d others, %s)",
             join.room.name,
             join.participant.identity,
             join.participant.sid,
             join.server_info.version,
             len(join.other_participants),
+            "single peer connection" if single else "dual peer connections",
         )
         return session, events
 
@@ -521,6 +592,8 @@ class Room:
                 if session.reliable and session.lossy:  # noqa: SIM102 - readable as is
                     if session.reliable.is_open and session.lossy.is_open:
                         session.channels_open.set()
+                        if session.single_pc:
+                            session.downstream_open.set()
 
     async def _negotiate_publisher(self, session: _Session) -> None:
         assert session.publisher is not None
@@ -629,7 +702,12 @@ class Room:
     async def _handle_signal(self, session: _Session, msg: rtc.SignalResponse) -> None:
         kind = msg.WhichOneof("message")
         assert session.subscriber is not None and session.publisher is not None
-        if kind == "offer":
+        if kind == "offer" and session.single_pc:
+            # The server never offers in single mode (it asks for media sections instead);
+            # answering on the connection we offer would collide with our own negotiation.
+            self.counters.inc("signal.unexpected_offer")
+            log.warning("room: ignored an offer from the server (single peer connection mode)")
+        elif kind == "offer":
             sdp = await session.subscriber.answer(msg.offer.sdp)
             answer = rtc.SessionDescription(type="answer", sdp=sdp, id=msg.offer.id)
             await session.signal.send(rtc.SignalRequest(answer=answer))
@@ -661,6 +739,19 @@ class Room:
             future = self._pending_updates.get(msg.request_response.request_id)
             if future is not None and not future.done():
                 future.set_result(msg.request_response)
+        elif kind == "media_sections_requirement":
+            # Single mode: the server wants receive m-lines for media it would send us, which
+            # only happens once we are subscribed to a track (auto_subscribe, or the server
+            # API). We carry data only; adding transceivers would make aiortc receive and
+            # decode media nobody reads, so the subscription just stays without media.
+            wanted = msg.media_sections_requirement
+            self.counters.inc("signal.media_sections_ignored")
+            log.info(
+                "room: ignored the server's request for %d audio and %d video receive sections "
+                "(this participant receives data only)",
+                wanted.num_audios,
+                wanted.num_videos,
+            )
         else:
             log.debug("room: ignored signal message %s", kind)
 
@@ -701,8 +792,7 @@ class Room:
         # rejoin must not wait for the old session's goodbyes.
         closers = [
             spawn(transport.close(), name=f"lk-close-{transport.name}", owner=self._closers)
-            for transport in (session.publisher, session.subscriber)
-            if transport is not None
+            for transport in _transports(session)
         ]
         if closers:
             await asyncio.wait(closers, timeout=CLOSE_GRACE)
@@ -805,3 +895,12 @@ class Room:
 
     def __repr__(self) -> str:
         return f"Room(name={self.name!r}, state={self._connection_state!r})"
+
+
+def _transports(session: _Session) -> list[PeerTransport]:
+    """The session's peer connections, each once (single mode has one under two names)."""
+    found: list[PeerTransport] = []
+    for transport in (session.publisher, session.subscriber):
+        if transport is not None and transport not in found:
+            found.append(transport)
+    return found

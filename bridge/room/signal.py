@@ -1,15 +1,24 @@
 """LiveKit signalling: the WebSocket to `/rtc` carrying protobuf SignalRequest/SignalResponse.
 
-One `SignalClient` per session. `connect` opens the socket with the v0 (dual peer connection)
-query string, waits for the first message (JoinResponse, or a `leave` that refuses us) and maps
-every failure to a typed `ConnectError`. Afterwards `recv` yields server messages, `send` writes
-requests, and a ping task sends `ping_req` every `ping_interval` and closes the socket when
-nothing arrived for `ping_timeout` (the server itself never drops a silent client).
+One `SignalClient` per session. `connect` opens the socket on one of the two join paths, waits
+for the first message (JoinResponse, or a `leave` that refuses us) and maps every failure to a
+typed `ConnectError`:
+
+* `/rtc/v1` (single peer connection, livekit-server >= 1.9.1): one `join_request` query
+  parameter, a base64url `WrappedJoinRequest` around our `JoinRequest` (livekit-protocol.md
+  §1.3). A server without that path answers 404, which becomes `SinglePcUnsupportedError` so
+  that the caller can fall back to `/rtc`.
+* `/rtc` (v0, dual peer connection): the same claims as query parameters (§1.2).
+
+Afterwards `recv` yields server messages, `send` writes requests, and a ping task sends
+`ping_req` every `ping_interval` and closes the socket when nothing arrived for `ping_timeout`
+(the server itself never drops a silent client).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import platform
@@ -38,10 +47,20 @@ log = logging.getLogger("roombus.room.signal")
 PROTOCOL_VERSION = 17
 # Server frames are at most 2 MiB by default; leave headroom for a raised server limit.
 MAX_SIGNAL_FRAME = 8 * 1024 * 1024
+# The text of livekit-server's 404 for a room that does not exist (service/errors.go).
+ROOM_MISSING = "requested room does not exist"
 
 
 class SignalClosedError(Exception):
     """The signalling socket closed (or was found dead); the session must be rejoined."""
+
+
+class SinglePcUnsupportedError(ConnectError):
+    """The server has no `/rtc/v1` (single peer connection) path: it answered 404.
+
+    Not retriable as such: the same join would get the same answer. A caller in "auto" mode
+    joins again on `/rtc` (dual peer connection), as the official SDKs do.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +70,54 @@ class JoinParams:
     client_protocol: int = 0
     capabilities: Sequence[int] = ()
     auto_subscribe: bool = False
+    # Join on `/rtc/v1` (one peer connection for both directions) instead of `/rtc`.
+    single_peer_connection: bool = False
 
 
 def signal_url(url: str, token: str, params: JoinParams) -> str:
-    """The `/rtc` WebSocket URL for `url` (ws, wss, http or https; an optional path prefix)."""
+    """The join WebSocket URL for `url` (ws, wss, http or https; an optional path prefix).
+
+    `/rtc/v1?access_token=...&join_request=...` when `params.single_peer_connection`, else
+    `/rtc?access_token=...&protocol=...` with the v0 query parameters.
+    """
+    scheme, netloc, prefix = _split(url)
+    if params.single_peer_connection:
+        wrapped = rtc.WrappedJoinRequest(
+            compression=rtc.WrappedJoinRequest.Compression.NONE,
+            join_request=join_request(params).SerializeToString(),
+        )
+        # Go's base64.URLEncoding: the URL-safe alphabet *with* padding.
+        encoded = base64.urlsafe_b64encode(wrapped.SerializeToString()).decode("ascii")
+        query = urllib.parse.urlencode([("access_token", token), ("join_request", encoded)])
+        return urllib.parse.urlunsplit((scheme, netloc, prefix + "/rtc/v1", query, ""))
+    return urllib.parse.urlunsplit((scheme, netloc, prefix + "/rtc", _v0_query(token, params), ""))
+
+
+def join_request(params: JoinParams) -> rtc.JoinRequest:
+    """The `JoinRequest` of a v1 join: what the v0 query string says, as a message.
+
+    The v1 server reads nothing else from the URL, and its defaults differ from v0's (there a
+    missing `auto_subscribe` means true): every connection setting is set explicitly.
+    """
+    info = models.ClientInfo(
+        sdk=models.ClientInfo.SDK.PYTHON,
+        version=__version__,
+        protocol=PROTOCOL_VERSION,
+        os=platform.system().lower(),
+        os_version=platform.release(),
+        client_protocol=params.client_protocol,
+        capabilities=[models.ClientInfo.Capability.Name(c) for c in params.capabilities],
+    )
+    settings = rtc.ConnectionSettings(
+        auto_subscribe=params.auto_subscribe,
+        adaptive_stream=False,
+        auto_subscribe_data_track=False,
+    )
+    return rtc.JoinRequest(client_info=info, connection_settings=settings)
+
+
+def _split(url: str) -> tuple[str, str, str]:
+    """(WebSocket scheme, host[:port], path prefix without a trailing slash) of `url`."""
     parsed = urllib.parse.urlsplit(url)
     scheme = {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}.get(parsed.scheme)
     if scheme is None or not parsed.hostname:
@@ -65,7 +128,10 @@ def signal_url(url: str, token: str, params: JoinParams) -> str:
         _ = parsed.port
     except ValueError as exc:
         raise InvalidUrlError(f"invalid LiveKit URL {url!r}: {exc}") from exc
-    path = parsed.path.rstrip("/") + "/rtc"
+    return scheme, parsed.netloc, parsed.path.rstrip("/")
+
+
+def _v0_query(token: str, params: JoinParams) -> str:
     query: list[tuple[str, str]] = [
         ("access_token", token),
         ("protocol", str(PROTOCOL_VERSION)),
@@ -79,7 +145,7 @@ def signal_url(url: str, token: str, params: JoinParams) -> str:
     if params.capabilities:
         names = [models.ClientInfo.Capability.Name(c) for c in params.capabilities]
         query.append(("capabilities", ",".join(names)))
-    return urllib.parse.urlunsplit((scheme, parsed.netloc, path, urllib.parse.urlencode(query), ""))
+    return urllib.parse.urlencode(query)
 
 
 def _redact(url: str) -> str:
@@ -120,6 +186,20 @@ class SignalClient:
                     )
                 except aiohttp.WSServerHandshakeError as exc:
                     reason = await self._validate_reason(ws_url)
+                    if (
+                        params.single_peer_connection
+                        and exc.status == 404
+                        and ROOM_MISSING not in reason
+                    ):
+                        # A server older than 1.9.1: no such route (Go's "404 page not
+                        # found"). The room-missing 404 says so (the JS SDK tells them apart
+                        # the same way).
+                        raise SinglePcUnsupportedError(
+                            f"signal: {where} answered HTTP 404"
+                            + (f" ({reason})" if reason else "")
+                            + ": the server has no single peer connection mode "
+                            "(livekit-server < 1.9.1)"
+                        ) from exc
                     raise _handshake_error(where, exc.status, reason) from exc
                 except aiohttp.ClientConnectorError as exc:
                     raise ServerUnreachableError(

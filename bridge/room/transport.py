@@ -1,9 +1,11 @@
-"""The two WebRTC peer connections of a LiveKit session (aiortc), data channels only.
+"""The WebRTC peer connections of a LiveKit session (aiortc), data channels only.
 
-In LiveKit's dual peer connection mode the server offers the *subscriber* connection (it creates
-`_reliable`, `_lossy` and `_data_track` channels in-band: downstream data arrives there) and the
-client offers the *publisher* connection with its own `_reliable` and `_lossy` channels (upstream
-data). `PeerTransport` wraps one RTCPeerConnection: offer/answer, trickled candidates (queued
+In LiveKit's dual peer connection mode (`/rtc`) the server offers the *subscriber* connection
+(it creates `_reliable`, `_lossy` and `_data_track` channels in-band: downstream data arrives
+there) and the client offers the *publisher* connection with its own `_reliable` and `_lossy`
+channels (upstream data). In single peer connection mode (`/rtc/v1`) there is only the
+connection the client offers, and its two channels carry both directions; the server never
+offers. `PeerTransport` wraps one RTCPeerConnection: offer/answer, trickled candidates (queued
 until the remote description is set, since aiortc drops them otherwise), and its state.
 """
 
@@ -92,7 +94,7 @@ def _is_udp_turn(url: str) -> bool:
 
 
 class PeerTransport:
-    """One peer connection (publisher or subscriber) of the session."""
+    """One peer connection (publisher, subscriber, or the single one) of the session."""
 
     def __init__(
         self,
@@ -102,9 +104,11 @@ class PeerTransport:
         *,
         on_datachannel: Callable[[RTCDataChannel], None],
         on_failed: Callable[[str], None],
+        name: str | None = None,
     ) -> None:
         self.target = target
-        self.name = rtc.SignalTarget.Name(target).lower()
+        # For logs and task names: "publisher", "subscriber", or "single".
+        self.name = name or rtc.SignalTarget.Name(target).lower()
         self.pc = RTCPeerConnection(configuration=config)
         self.connected = asyncio.Event()
         self._counters = counters
