@@ -28,21 +28,28 @@ from bridge.envelope import Outbound
 from bridge.router import ToRoomRoute, compile_routes
 from bridge.runtime.bridge import Bridge, BusSource, Endpoints, Spooling
 from bridge.runtime.outbox import DurableQueue
+from bridge.runtime.ownership import replica_name
 from bridge.topics import parse_filter
 from connectors.kafka import KafkaSettings, KafkaSink, KafkaSource
+from connectors.kafka_group import KafkaMembership
 from connectors.kafka_replies import KafkaReplySource
 from connectors.mqtt import MqttConnector, MqttSettings
 
 log = logging.getLogger("roombus")
 
 
-def mqtt_settings(name: str, broker: MqttBrokerConfig) -> MqttSettings:
-    """The connector settings of broker `name` (its subscribing connection)."""
+def mqtt_settings(name: str, broker: MqttBrokerConfig, replica: str = "") -> MqttSettings:
+    """The connector settings of broker `name` (its subscribing connection).
+
+    A replica (`bridge.replicas`) suffixes the client id with its name: replicas of one
+    configuration would otherwise take each other's session over.
+    """
     tls = broker.tls
+    client_id = broker.client_id or f"roombus-{name}"
     return MqttSettings(
         host=broker.host,
         port=broker.port,
-        client_id=broker.client_id or f"roombus-{name}",
+        client_id=f"{client_id}-{replica}" if replica else client_id,
         protocol=broker.protocol,
         username=broker.username,
         password=broker.password,
@@ -91,6 +98,8 @@ def build_endpoints(config: Config) -> Endpoints:
     publish_kafka: set[str] = set()
     subscriptions: dict[str, dict[str, int]] = {}
     kafka_replies: dict[str, set[str]] = {}
+    replicas = config.bridge.replicas
+    replica = replica_name(replicas.replica_id) if replicas is not None else ""
     for connector in config.connectors:
         for end in (connector.to, connector.dead_letter):
             if isinstance(end, MqttTo):
@@ -99,9 +108,10 @@ def build_endpoints(config: Config) -> Endpoints:
                 publish_kafka.add(end.kafka)
         source = connector.from_
         if isinstance(source, MqttFrom):
-            subscriptions.setdefault(source.mqtt, {})[parse_filter(source.topic).mqtt_filter] = (
-                source.qos
-            )
+            filters = subscriptions.setdefault(source.mqtt, {})
+            if replicas is None:
+                filters[parse_filter(source.topic).mqtt_filter] = source.qos
+            # else: each owner subscribes to the topics of its rooms (Bridge._acquire)
             if source.reply is not None or _is_rpc(connector.to):
                 publish_mqtt.add(source.mqtt)  # replies
         elif isinstance(source, KafkaFrom) and _is_rpc(connector.to):
@@ -114,13 +124,13 @@ def build_endpoints(config: Config) -> Endpoints:
 
     endpoints = Endpoints()
     for name in sorted(publish_mqtt):
-        settings = mqtt_settings(name, config.mqtt[name]).for_publishing(f"mqtt:{name}")
+        settings = mqtt_settings(name, config.mqtt[name], replica).for_publishing(f"mqtt:{name}")
         sink: Sink[Outbound] = MqttConnector(f"mqtt:{name}:pub", settings)
         endpoints.sinks[f"mqtt:{name}"] = sink
     for name in sorted(publish_kafka):
         endpoints.sinks[f"kafka:{name}"] = KafkaSink(f"kafka:{name}", kafka_settings(config, name))
     for name, filters in sorted(subscriptions.items()):
-        subscriber = MqttConnector(f"mqtt:{name}", mqtt_settings(name, config.mqtt[name]))
+        subscriber = MqttConnector(f"mqtt:{name}", mqtt_settings(name, config.mqtt[name], replica))
         for topic_filter, qos in filters.items():
             subscriber.add_subscription(topic_filter, qos)
         mine = tuple(r for r in to_room if isinstance(r.source, MqttFrom) and r.source.mqtt == name)
@@ -197,6 +207,25 @@ def build_spooling(config: Config) -> Spooling | None:
     )
 
 
+def build_membership(config: Config) -> KafkaMembership | None:
+    """The replica's group membership (`bridge.replicas`), or None for a single process."""
+    replicas = config.bridge.replicas
+    if replicas is None:
+        return None
+    cluster = config.kafka[replicas.kafka]
+    return KafkaMembership(
+        f"kafka:{replicas.kafka}:replicas",
+        kafka_settings(config, replicas.kafka),
+        group_id=replicas.group_id or f"{cluster.group_id}.replicas",
+        topic=replicas.control_topic,
+        partitions=replicas.partitions,
+        replication_factor=replicas.replication_factor,
+        session_timeout=replicas.session_timeout,
+        heartbeat_interval=replicas.heartbeat_interval,
+        instance=replica_name(replicas.replica_id),
+    )
+
+
 def build_bridge(config: Config) -> Bridge:
     """The bridge for `config`, with its endpoints (nothing connects before `Bridge.run`)."""
     return Bridge(
@@ -204,4 +233,5 @@ def build_bridge(config: Config) -> Bridge:
         build_endpoints(config),
         spooling=build_spooling(config),
         plan_endpoints=build_endpoints,
+        membership=build_membership(config),
     )

@@ -135,6 +135,14 @@ class LiveKitConfig(_Model):
         description="Lifetime in seconds of the join tokens the bridge mints (a fresh one for"
         " every join and rejoin: a short lifetime costs nothing)",
     )
+    single_peer_connection: Literal["auto"] | bool = Field(
+        "auto",
+        description="One WebRTC connection per room (LiveKit's single peer connection mode,"
+        " /rtc/v1) instead of two: one ICE agent per room, a third to a half less idle CPU"
+        " (bench/idle_rooms_bench.py). auto: single, and two"
+        " when the server does not offer it (livekit-server < 1.9.1 answers 404); true:"
+        " single only (such a server refuses the join); false: always two",
+    )
 
     @field_validator("url")
     @classmethod
@@ -842,6 +850,86 @@ class SpoolSettings(_Model):
     )
 
 
+class ReplicasSettings(_Model):
+    """Replicas of one configuration sharing its rooms, one owner per room at a time.
+
+    Rooms hash onto the partitions of a control topic, and Kafka's consumer-group protocol
+    assigns the partitions to the replicas (docs/scaling.md).
+    """
+
+    kafka: str = Field(description="Name of a cluster under `kafka:` whose group protocol assigns")
+    group_id: str | None = Field(
+        None,
+        min_length=1,
+        description="Consumer group of the replicas (default: the cluster's group_id +"
+        " '.replicas'); replicas of one deployment share it",
+    )
+    control_topic: str = Field(
+        "roombus.rooms",
+        pattern=r"^[A-Za-z0-9._-]{1,249}$",
+        description="Topic whose partitions the rooms hash onto (created if missing; nothing"
+        " is written to it)",
+    )
+    partitions: int = Field(
+        12,
+        ge=1,
+        le=10_000,
+        description="Partitions of a control topic the bridge creates: the most replicas that"
+        " get rooms (an existing topic keeps its count)",
+    )
+    replication_factor: int | None = Field(
+        None,
+        ge=1,
+        description="Replication of a control topic the bridge creates (default: the"
+        " number of brokers, at most 3)",
+    )
+    session_timeout: float = Field(
+        10.0,
+        ge=1,
+        le=300,
+        description="Seconds without a heartbeat before Kafka gives a replica's rooms to the"
+        " others (bounds the takeover after a crash)",
+    )
+    heartbeat_interval: float = Field(
+        3.0, gt=0, description="Seconds between heartbeats (below a third of session_timeout)"
+    )
+    identity: str = Field(
+        "{identity}-{room}",
+        min_length=1,
+        description="The bridge's identity in each room ({identity}: livekit.identity, {room}):"
+        " the same on every replica, so LiveKit evicts a second owner (DUPLICATE_IDENTITY)",
+    )
+    replica_id: str | None = Field(
+        None,
+        min_length=1,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="This replica's name (MQTT client ids get it as a suffix, logs and the"
+        " roombus.replica attribute show it); default: host name and process id. Set a stable"
+        " one (a StatefulSet pod name) to keep MQTT sessions across restarts",
+    )
+    handover_timeout: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds a new owner waits for the previous owner's participant to leave"
+        " the room before joining (and evicting it)",
+    )
+    evicted_backoff: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds a replica evicted by another owner (DUPLICATE_IDENTITY) waits"
+        " before it rejoins, and only if the group still gives it the room",
+    )
+
+    @model_validator(mode="after")
+    def _heartbeat(self) -> ReplicasSettings:
+        if self.heartbeat_interval * 3 > self.session_timeout:
+            raise ValueError("heartbeat_interval must be at most a third of session_timeout")
+        fields = set(_PLACEHOLDER.findall(self.identity))
+        if "room" not in fields or fields - {"room", "identity"}:
+            raise ValueError("identity must use {room} (and may use {identity}), nothing else")
+        return self
+
+
 class BridgeSettings(_Model):
     """Runtime settings."""
 
@@ -920,6 +1008,11 @@ class BridgeSettings(_Model):
     )
     rpc_dedup_max_entries: int = Field(
         100_000, ge=1, description="Cached RPC replies at most (oldest evicted first)"
+    )
+    replicas: ReplicasSettings | None = Field(
+        None,
+        description="Run as one of several replicas that share the rooms, one owner per room"
+        " (docs/scaling.md); without it the process bridges every room itself",
     )
 
 
@@ -1523,6 +1616,40 @@ def check_references(config: Config) -> Iterator[tuple[Path_, str]]:
                 parse_template(text, known, target)
             except TemplateError as exc:
                 yield (*base, *path), str(exc)
+    if config.bridge.replicas is not None:
+        yield from _replica_problems(config, config.bridge.replicas)
+
+
+def _replica_problems(config: Config, replicas: ReplicasSettings) -> Iterator[tuple[Path_, str]]:
+    """What the replicas mode cannot do (yet): see docs/scaling.md."""
+    here: Path_ = ("bridge", "replicas")
+    if replicas.kafka not in config.kafka:
+        defined = ", ".join(sorted(config.kafka)) or "none defined"
+        yield (*here, "kafka"), f"unknown Kafka cluster {replicas.kafka!r} ({defined})"
+    if config.livekit.token is not None:
+        yield ("livekit", "token"), "replicas mint a token per room: give api_key and api_secret"
+    for i, connector in enumerate(config.connectors):
+        source, to = connector.from_, connector.to
+        if not isinstance(to, RoomTo):
+            continue
+        if isinstance(source, KafkaFrom):
+            yield (
+                ("connectors", i, "from"),
+                "bus-to-room Kafka routes are not supported with bridge.replicas yet",
+            )
+        elif isinstance(source, MqttFrom):
+            try:
+                captures = set(parse_filter(source.topic).captures)
+            except TemplateError:
+                continue  # reported above
+            fields = set(_PLACEHOLDER.findall(to.room))
+            if not fields or not fields <= captures:
+                yield (
+                    ("connectors", i, "to", "room"),
+                    "with bridge.replicas the room must be built from captures of the MQTT"
+                    " topic (each owner subscribes to its rooms' topics only), e.g."
+                    " topic devices/{site}/# and room plant-{site}",
+                )
 
 
 def _rules_problems(connector: ConnectorConfig) -> Iterator[tuple[Path_, str]]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
 
@@ -29,6 +29,11 @@ _FIELD = re.compile(r"\{([^{}]*)\}")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 _KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 MAX_MQTT_TOPIC_BYTES = 65_535
+# Distinct rendered values a template keeps (`Template.render`), and topics a filter keeps the
+# captures of (`TopicFilter.match`).
+RENDER_CACHE = 4096
+MATCH_CACHE = 4096
+_CONTROL = re.compile(r"[\x00-\x1f]")
 
 
 class TemplateError(ValueError):
@@ -54,6 +59,15 @@ class Template:
 
     source: str
     parts: tuple[str | tuple[str], ...]  # str literal, or (field name,)
+    # Rendered results by (target, the values of `names`): a route renders the same few
+    # values (a fleet's device ids) over and over, and each render checks every value.
+    _rendered: dict[tuple[Target, tuple[str | None, ...]], str] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
+    _names: tuple[str, ...] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_names", tuple(p[0] for p in self.parts if isinstance(p, tuple)))
 
     @property
     def fields(self) -> frozenset[str]:
@@ -65,8 +79,36 @@ class Template:
         """Whether the template has no placeholder."""
         return not self.fields
 
+    def match(self, rendered: str) -> dict[str, str] | None:
+        """The values that render to `rendered`, or None when none do.
+
+        Each value is one or more characters; the earlier fields take as few as possible, as
+        `NamePattern` splits. A field used twice must take the same value both times.
+        """
+        regex = _template_regex(self.parts)
+        found = regex.fullmatch(rendered)
+        if found is None:
+            return None
+        values: dict[str, str] = {}
+        for i, part in enumerate(p for p in self.parts if isinstance(p, tuple)):
+            value = found.group(f"f{i}")
+            if values.setdefault(part[0], value) != value:
+                return None
+        return values
+
     def render(self, values: Mapping[str, str], target: Target) -> str:
         """The template with `values` inserted, checked for `target`."""
+        key = (target, tuple([values.get(name) for name in self._names]))
+        cached = self._rendered.get(key)
+        if cached is not None:
+            return cached
+        result = self._render(values, target)
+        if len(self._rendered) >= RENDER_CACHE:
+            self._rendered.clear()  # a route with ever new values: start over, stay bounded
+        self._rendered[key] = result
+        return result
+
+    def _render(self, values: Mapping[str, str], target: Target) -> str:
         out = []
         for part in self.parts:
             if isinstance(part, str):
@@ -81,6 +123,18 @@ class Template:
         result = "".join(out)
         _check_result(result, target, self.source)
         return result
+
+
+@lru_cache(maxsize=256)
+def _template_regex(parts: tuple[str | tuple[str], ...]) -> re.Pattern[str]:
+    out, fields = [], 0
+    for part in parts:
+        if isinstance(part, str):
+            out.append(re.escape(part))
+        else:
+            out.append(f"(?P<f{fields}>.+?)")
+            fields += 1
+    return re.compile("".join(out), re.DOTALL)
 
 
 def parse_template(text: str, known: Iterable[str], target: Target) -> Template:
@@ -144,7 +198,7 @@ def _check_value(name: str, value: str, target: Target) -> None:
             raise TemplateValueError(
                 f"{{{name}}}={value[:80]!r} has characters a Kafka topic cannot hold"
             )
-    elif target is Target.ROOM and any(ord(c) < 32 for c in value):
+    elif target is Target.ROOM and _CONTROL.search(value):
         raise TemplateValueError(f"{{{name}}}={value[:80]!r} contains control characters")
 
 
@@ -159,10 +213,20 @@ def _check_result(result: str, target: Target, source: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class TopicFilter:
-    """An MQTT topic filter with named captures."""
+    """An MQTT topic filter with named captures.
+
+    A shared subscription (``$share/<group>/<filter>``, MQTT 5 4.8.2) keeps its prefix in
+    `share`: it is subscribed with, but the topics the broker delivers do not carry it, so
+    `levels` (what `match` compares) are those of the filter after it.
+    """
 
     source: str
     levels: tuple[str, ...]  # literal level, "+", "#", or "{name}" / "{name...}"
+    share: str = ""  # "$share/<group>/" or ""
+    # Captures by topic (None: no match): a fleet sends on the same topics again and again.
+    _matched: dict[str, dict[str, str] | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     @property
     def captures(self) -> tuple[str, ...]:
@@ -179,10 +243,43 @@ class TopicFilter:
                 out.append("#" if level.endswith("...}") else "+")
             else:
                 out.append(level)
-        return "/".join(out)
+        return self.share + "/".join(out)
+
+    def narrowed(self, values: Mapping[str, str]) -> str | None:
+        """`mqtt_filter` with the captures in `values` as literal levels (one owner's share).
+
+        None when a value cannot be one literal level (empty, ``/``, ``+``, ``#``, NUL), or
+        a value is given for a ``{name...}`` capture that spans levels.
+        """
+        out = []
+        for level in self.levels:
+            name = _capture_name(level)
+            if name and name in values:
+                value = values[name]
+                if level.endswith("...}"):
+                    return None
+                if not value or any(c in value for c in "/+#\0"):
+                    return None
+                out.append(value)
+            elif name:
+                out.append("#" if level.endswith("...}") else "+")
+            else:
+                out.append(level)
+        return self.share + "/".join(out)
 
     def match(self, topic: str) -> dict[str, str] | None:
-        """The captures if `topic` matches, else None."""
+        """The captures if `topic` matches, else None (a new dict: the caller may change it)."""
+        cache = self._matched
+        if topic in cache:
+            found = cache[topic]
+        else:
+            found = self._match(topic)
+            if len(cache) >= MATCH_CACHE:
+                cache.clear()  # ever new topics: start over, stay bounded
+            cache[topic] = found
+        return dict(found) if found is not None else None
+
+    def _match(self, topic: str) -> dict[str, str] | None:
         parts = topic.split("/")
         values: dict[str, str] = {}
         for i, level in enumerate(self.levels):
@@ -217,6 +314,13 @@ def parse_filter(text: str) -> TopicFilter:
     """Parse an MQTT filter whose levels may be ``{name}`` captures (``{name...}`` last)."""
     if not text:
         raise TemplateError("empty topic filter")
+    share = ""
+    if text.startswith("$share/"):
+        group, sep, rest = text[len("$share/") :].partition("/")
+        if not sep or not group or not rest or any(c in group for c in "+#{}"):
+            raise TemplateError(f"a shared subscription is $share/<group>/<filter>: {text!r}")
+        share = f"$share/{group}/"
+        text = rest
     levels = tuple(text.split("/"))
     seen: set[str] = set()
     for i, level in enumerate(levels):
@@ -235,7 +339,7 @@ def parse_filter(text: str) -> TopicFilter:
                 raise TemplateError(f"'#' must be the last level of filter {text!r}")
         elif level != "+" and ("+" in level or "#" in level or "{" in level or "}" in level):
             raise TemplateError(f"level {level!r} of filter {text!r} mixes wildcards and text")
-    return TopicFilter(text, levels)
+    return TopicFilter(share + text, levels, share)
 
 
 @lru_cache(maxsize=1024)

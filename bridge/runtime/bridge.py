@@ -53,6 +53,13 @@ from bridge.runtime.dead_letter import Rejections
 from bridge.runtime.grants import needed_grants
 from bridge.runtime.latch import Latch
 from bridge.runtime.outbox import DurableQueue, OutboundCodec, Outbox
+from bridge.runtime.ownership import (
+    Membership,
+    Ownership,
+    TrackedDeliveries,
+    replica_name,
+    room_identity,
+)
 from bridge.runtime.publisher import Publisher
 from bridge.runtime.pump import BusPump
 from bridge.runtime.ratelimit import RateSpec, rate_specs
@@ -124,6 +131,7 @@ class Bridge:
         bridge_id: str | None = None,
         spooling: Spooling | None = None,
         plan_endpoints: Callable[[Config], Endpoints] | None = None,
+        membership: Membership | None = None,
     ) -> None:
         self.config = config
         self.endpoints = endpoints
@@ -162,6 +170,26 @@ class Bridge:
         )
         self.latch = Latch(config.connectors, self.counters)  # values for late joiners
         self.room_sink = RoomSink(self.links, self.server_api, self.latch)
+        # Replicas (`bridge.runtime.ownership`): the rooms this replica owns, by the group's
+        # assignment; the deliveries are tracked per room so a released room drains first.
+        self.membership = membership
+        self.ownership: Ownership | None = None
+        self._tracked: TrackedDeliveries | None = None
+        self._room_filters: dict[str, list[tuple[Subscriber, str]]] = {}  # by room
+        self._filter_users: dict[tuple[int, str], int] = {}  # (source id, filter) -> rooms
+        replicas = config.bridge.replicas
+        if replicas is not None and membership is not None:
+            self.replica = replica_name(replicas.replica_id)
+            self._tracked = TrackedDeliveries(self.room_sink)
+            self.ownership = Ownership(
+                self.replica,
+                self.counters,
+                acquire=self._acquire,
+                release=self._release,
+                present=self._owner_present if self.server_api is not None else None,
+                handover_timeout=replicas.handover_timeout,
+                evicted_backoff=replicas.evicted_backoff,
+            )
         self.pumps = [self._pump(s) for s in endpoints.sources]
         self.ready = asyncio.Event()
         self.tasks: dict[str, str] = {}  # task name -> "running", "restarting: <error>", ...
@@ -199,7 +227,7 @@ class Bridge:
             source.source,
             source.routes,
             endpoint=source.endpoint,
-            room_sink=self.room_sink,
+            room_sink=self._tracked or self.room_sink,
             rejections=self.rejections,
             rpc=self.rpc,
             counters=self.counters,
@@ -231,8 +259,14 @@ class Bridge:
                         self._start_outbox(outbox)
                     for pump in self.pumps:
                         self._start_pump(pump)
-                    for name in self.config.livekit.rooms:
-                        self._join(name)
+                    if self.ownership is not None:
+                        assert self.membership is not None
+                        await self.ownership.add_rooms(self.config.livekit.rooms)
+                        run_membership = functools.partial(self.membership.run, self.ownership)
+                        self._spawn(f"replicas:{self.membership.name}", run_membership)
+                    else:
+                        for name in self.config.livekit.rooms:
+                            self._join(name)
                     if self.config.livekit.room_patterns:
                         self._spawn("rooms:discovery", self._discover_rooms)
                     if self.spooling is not None:
@@ -247,6 +281,11 @@ class Bridge:
                     )
                     await stop.wait()
                     async with self._reload_lock:  # a reload in progress finishes first
+                        if self.ownership is not None and self.membership is not None:
+                            # Hand the rooms over drained, then leave the group: the new
+                            # owners join only after that (docs/scaling.md).
+                            await self.ownership.stop()
+                            await self.membership.leave()
                         await self._drain()
                     for task in (
                         *self._other_tasks,
@@ -381,6 +420,8 @@ class Bridge:
         async with self._reload_lock:
             if self._tg is None or self.plan_endpoints is None:
                 raise ReloadRefused(["the bridge is not running (or cannot reload)"])
+            if self.ownership is not None:
+                raise ReloadRefused(["bridge.replicas: restart the replicas one by one instead"])
             plan = plan_reload(self.config, new, self.grants)
             if plan.needs_restart:
                 raise ReloadRefused(list(plan.needs_restart))
@@ -549,6 +590,8 @@ class Bridge:
         endpoints = sorted(
             {e.name for e in self.endpoints.ordered() if not getattr(e, "connected", True)}
         )
+        if self.membership is not None and not getattr(self.membership, "connected", True):
+            endpoints = sorted({*endpoints, self.membership.name})
         tasks = {n: s for n, s in sorted(self.tasks.items()) if s != "running"}
         ready = self.ready.is_set() and not rooms and not endpoints and not tasks
         return ready, {
@@ -566,14 +609,19 @@ class Bridge:
             return lk.token
         assert lk.api_key is not None and lk.api_secret is not None
         grants = self.grants
+        identity, attributes = lk.identity, lk.attributes
+        replicas = self.config.bridge.replicas
+        if self.ownership is not None and replicas is not None:
+            identity = room_identity(replicas.identity, lk.identity, room)
+            attributes = {**lk.attributes, "roombus.replica": self.ownership.replica}
         return mint_token(
             lk.api_key,
             lk.api_secret,
-            identity=lk.identity,
+            identity=identity,
             room=room,
             name=lk.name,
             metadata=lk.metadata,
-            attributes=lk.attributes,
+            attributes=attributes,
             ttl=timedelta(seconds=lk.token_ttl),
             can_publish=False,
             can_publish_data=grants.can_publish_data,
@@ -585,7 +633,15 @@ class Bridge:
         if name in self.links:
             return
         lk = self.config.livekit
-        link = RoomLink(name, lk.url, self._token, self.counters, renew_token=lk.token is None)
+        link = RoomLink(
+            name,
+            lk.url,
+            self._token,
+            self.counters,
+            renew_token=lk.token is None,
+            single_peer_connection=lk.single_peer_connection,
+            evicted=self.ownership.evicted if self.ownership is not None else None,
+        )
         events = RoomEvents(link, self.outboxes, self.counters)
         link.add_listeners(
             attach=(events.attach, self.rpc.attach, self.latch.attach), joined=(events.joined,)
@@ -600,9 +656,16 @@ class Bridge:
         failing = False
         while True:
             try:
-                for room in await self.server_api.list_rooms():
-                    if any(glob_match(p, room.name) for p in lk.room_patterns):
-                        self._join(room.name)
+                found = [
+                    room.name
+                    for room in await self.server_api.list_rooms()
+                    if any(glob_match(p, room.name) for p in lk.room_patterns)
+                ]
+                if self.ownership is not None:
+                    await self.ownership.add_rooms(found)
+                else:
+                    for name in found:
+                        self._join(name)
                 failing = False
             except RoomError as exc:
                 self.counters.inc("rooms.discovery_failed")
@@ -610,6 +673,68 @@ class Bridge:
                     log.warning("room discovery failed: %s", exc)
                 failing = True
             await asyncio.sleep(lk.room_discovery_interval)
+
+    # --------------------------------------------------------------- replicas
+
+    async def _acquire(self, room: str) -> None:
+        """This replica owns `room` now: subscribe to its bus topics, join it."""
+        filters = self._room_filters.setdefault(room, [])
+        for source in self.endpoints.sources:
+            subscriber = source.source
+            if not isinstance(subscriber, Subscriber):
+                continue
+            for route in source.routes:
+                flt, qos = route.filter, getattr(route.source, "qos", 1)
+                if flt is None:
+                    continue
+                values = route.target.room.match(room)
+                if values is None:
+                    continue  # the route never delivers into this room
+                narrowed = flt.narrowed(values)
+                if narrowed is None:
+                    log.warning(
+                        "replicas: route %s: cannot narrow %s to room %s; subscribing to all of"
+                        " it (deliveries into rooms owned elsewhere are rejected)",
+                        route.name,
+                        flt.source,
+                        room,
+                    )
+                    narrowed = flt.mqtt_filter
+                key = (id(subscriber), narrowed)
+                self._filter_users[key] = self._filter_users.get(key, 0) + 1
+                if self._filter_users[key] == 1:
+                    subscriber.add_subscription(narrowed, qos)
+                filters.append((subscriber, narrowed))
+        self._join(room)
+        link = self.links.get(room)
+        if link is not None:
+            await link.connected.wait()
+
+    async def _release(self, room: str) -> None:
+        """Give `room` up drained: unsubscribe, let its deliveries finish, leave, flush."""
+        for subscriber, narrowed in self._room_filters.pop(room, []):
+            key = (id(subscriber), narrowed)
+            self._filter_users[key] -= 1
+            if not self._filter_users[key]:
+                del self._filter_users[key]
+                subscriber.remove_subscription(narrowed)
+        timeout = self.config.bridge.shutdown_timeout
+        if self._tracked is not None and not await self._tracked.quiet(room, 0.5, timeout):
+            self.counters.inc("ownership.release_undrained")
+            log.warning("replicas: room %s: deliveries still in progress at release", room)
+        await self._leave(room)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(o.drain() for o in self.outboxes))
+
+    async def _owner_present(self, room: str) -> bool:
+        """Whether the room's bridge identity (a previous owner) is in `room` now."""
+        assert self.server_api is not None and self.config.bridge.replicas is not None
+        identity = room_identity(
+            self.config.bridge.replicas.identity, self.config.livekit.identity, room
+        )
+        participants = await self.server_api.list_participants(room)
+        return any(p.identity == identity for p in participants)
 
 
 def _first_leaf(exc: BaseException) -> BaseException:

@@ -12,6 +12,9 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Literal
+
+from livekit.protocol import models
 
 from bridge.retry import CONNECT_MAX, delay
 from bridge.room.errors import ConnectError
@@ -40,9 +43,12 @@ class RoomLink:
         attach: Sequence[Attach] = (),
         joined: Sequence[Joined] = (),
         renew_token: bool = True,
+        single_peer_connection: bool | Literal["auto"] = "auto",
+        evicted: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self.name = name
         self.url = url
+        self._single_pc = single_peer_connection  # `livekit.single_peer_connection`
         self._token = token
         self._renew = renew_token  # False for a ready-made token: rejoin with refresh tokens
         self.counters = counters
@@ -52,6 +58,9 @@ class RoomLink:
         self.connected = asyncio.Event()
         self.stopping = False
         self.last_error: str | None = None
+        # Replicas (bridge.runtime.ownership): a session ended by DUPLICATE_IDENTITY means
+        # another owner joined; this says (after backing off) whether to rejoin.
+        self._evicted = evicted
 
     def add_listeners(
         self, *, attach: Sequence[Attach] = (), joined: Sequence[Joined] = ()
@@ -64,9 +73,11 @@ class RoomLink:
         """Join, and rejoin with backoff whenever the room is lost, until stopped."""
         attempt = 0
         while not self.stopping:
-            room = Room(RoomOptions())
+            room = Room(RoomOptions(single_peer_connection=self._single_pc))
             for attach in self._attach:
                 attach(self, room)
+            closed: list[Disconnected] = []
+            room.on(Disconnected, closed.append)
             room.on(Disconnected, lambda e: log.info("room %s: closed: %s", self.name, e.reason))
             try:
                 renew = functools.partial(self._token, self.name) if self._renew else None
@@ -95,6 +106,12 @@ class RoomLink:
             await room.wait_closed()
             self.connected.clear()
             self.room = None
+            duplicate = models.DisconnectReason.DUPLICATE_IDENTITY
+            if self._evicted is not None and any(e.server_reason == duplicate for e in closed):
+                self.last_error = "evicted by another owner"
+                if not await self._evicted(self.name):
+                    self.stopping = True
+                    break
             if not self.stopping:
                 self.counters.inc("rooms.lost")
                 self.last_error = "lost; rejoining"
