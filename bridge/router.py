@@ -204,15 +204,18 @@ class ToBusRoute:
     # `source.room` and `source.participant`, compiled: globs that may capture (plant-{site}).
     room_pattern: NamePattern = field(init=False, repr=False, compare=False)
     participant_pattern: NamePattern = field(init=False, repr=False, compare=False)
+    # `source.kind` looks through the config model's fields: asked several times per message.
+    _kind: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "room_pattern", parse_name_pattern(self.source.room))
         object.__setattr__(self, "participant_pattern", parse_name_pattern(self.source.participant))
+        object.__setattr__(self, "_kind", self.source.kind)
 
     @property
     def kind(self) -> str:
         """The kind of room traffic the route carries."""
-        return self.source.kind
+        return self._kind
 
     def wants_room(self, room: str) -> bool:
         """Whether the route listens to `room`."""

@@ -603,7 +603,33 @@ async def _sack_now(self: Any) -> None:
     if handle is not None:
         handle.cancel()
     self._rb_unacked_packets = 0
-    await self._send_sack()
+    if not _send_sack_sync(self):
+        await self._send_sack()
+
+
+def _send_sack_sync(self: Any) -> bool:
+    """Aiortc's `_send_sack` down the synchronous route (`_sync_route`); False: none."""
+    route = _sync_route(self)
+    if route is None:
+        return False
+    gaps: list[list[int]] = []
+    gap_next = None
+    for tsn in sorted(self._sack_misordered):
+        pos = (tsn - self._last_received_tsn) % _TSN_MODULO
+        if tsn == gap_next:
+            gaps[-1][1] = pos
+        else:
+            gaps.append([pos, pos])
+        gap_next = _sctp.tsn_plus_one(tsn)
+    sack = _sctp.SackChunk()
+    sack.cumulative_tsn = self._last_received_tsn
+    sack.advertised_rwnd = max(0, self._advertised_rwnd)
+    sack.duplicates = self._sack_duplicates[:]
+    sack.gaps = [(a, b) for a, b in gaps]
+    _send_packet_sync(route, _packet(self, [bytes(sack)]))
+    self._sack_duplicates.clear()
+    self._sack_needed = False
+    return True
 
 
 def _delayed_sack(self: Any) -> None:
@@ -612,6 +638,14 @@ def _delayed_sack(self: Any) -> None:
         return
     if self._rb_sack_task is not None:
         return  # one is on its way
+    if self._association_state == _State.ESTABLISHED:
+        try:
+            if _send_sack_sync(self):
+                self._rb_unacked_packets = 0
+                return
+        except Exception as exc:  # noqa: BLE001 - as `_flush_done`: the association died
+            log.debug("sctp: SACK failed: %r", exc)
+            return
     task = asyncio.ensure_future(_send_delayed_sack(self))
     self._rb_sack_task = task
     task.add_done_callback(_flush_done)
