@@ -17,6 +17,7 @@ from typing import Protocol, overload
 
 from livekit.protocol import models
 
+from bridge.room.data_tracks import DataTrackManager, LocalDataTrack
 from bridge.room.delivery import Delivery
 from bridge.room.packets import user_packet
 from bridge.room.rpc import RpcFallbackHandler, RpcHandler, RpcManager
@@ -101,6 +102,7 @@ class LocalParticipant:
         update_own: OwnStateUpdater,
         streams: StreamManager,
         rpc: RpcManager,
+        data_tracks: DataTrackManager | None = None,
     ) -> None:
         self._info = info
         self._send_packet = send_packet
@@ -108,6 +110,7 @@ class LocalParticipant:
         self._update_own = update_own
         self._streams = streams
         self._rpc = rpc
+        self._data_tracks = data_tracks
 
     @property
     def identity(self) -> str:
@@ -183,6 +186,20 @@ class LocalParticipant:
         data = payload.encode() if isinstance(payload, str) else payload
         packet = user_packet(data, topic=topic, destination_identities=destination_identities)
         return await self._send_packet_tracked(packet)
+
+    # --- data tracks (bridge.room.data_tracks) ---
+
+    async def publish_data_track(self, name: str) -> LocalDataTrack:
+        """Publish a data track called `name`; returns once the server confirmed it.
+
+        Push frames with `LocalDataTrack.try_push`. Raises `DataTrackError` when the server
+        refuses (e.g. DUPLICATE_NAME, NOT_ALLOWED without canPublishData) or does not answer,
+        `NotConnectedError` without a session. The track ends with the session (a rejoin
+        needs a new publication).
+        """
+        if self._data_tracks is None:
+            raise NotImplementedError("this participant has no data tracks")
+        return await self._data_tracks.publish(name)
 
     # --- streams (bridge.room.streams) ---
 

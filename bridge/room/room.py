@@ -35,6 +35,7 @@ import tenacity
 from aiortc import RTCConfiguration, RTCDataChannel
 from livekit.protocol import models, rtc
 
+from bridge.room.data_tracks import DATA_TRACK_LABEL, DataTrackManager
 from bridge.room.datachannel import FlowControlledChannel
 from bridge.room.delivery import Delivery
 from bridge.room.errors import (
@@ -138,6 +139,8 @@ class _Session:
         self.publisher: PeerTransport | None = None
         self.reliable: FlowControlledChannel | None = None
         self.lossy: FlowControlledChannel | None = None
+        # Our `_data_track` channel (upstream data-track packets; downstream too in single mode).
+        self.data_track: RTCDataChannel | None = None
         self.channels_open = asyncio.Event()
         # The `_reliable` channel downstream data arrives on (and server-initiated RPC,
         # refused with "data channel is not available" until it is open): the server's on the
@@ -171,6 +174,13 @@ class Room:
         self._hub = EventHub()
         self._streams = StreamManager(self)
         self._rpc = RpcManager(self, self._streams)
+        self._data_tracks = DataTrackManager(
+            self.counters,
+            send_signal=self._send_signal_soon,
+            post_event=self._post_event,
+            remote_tracks=self._remote_data_tracks,
+            request_timeout=lambda: self.options.state_update_timeout,
+        )
         self.local_participant = LocalParticipant(
             info=lambda: self._state.local,
             send_packet=self.send_packet,
@@ -178,6 +188,7 @@ class Room:
             update_own=self._update_own,
             streams=self._streams,
             rpc=self._rpc,
+            data_tracks=self._data_tracks,
         )
         self._deduper = ReceiveDeduper()
         self._session: _Session | None = None
@@ -261,6 +272,45 @@ class Room:
         """An async iterator over events of `types` (all when none), ending when the room closes."""
         return self._hub.subscribe(types, maxsize)
 
+    @property
+    def remote_data_tracks(self) -> dict[str, list[str]]:
+        """The data tracks others publish: track names by publisher identity."""
+        found: dict[str, list[str]] = {}
+        for identity, _sid, info in self._remote_data_tracks():
+            found.setdefault(identity, []).append(info.name)
+        return found
+
+    def subscribe_data_track(self, publisher_identity: str, track_name: str) -> None:
+        """Receive `DataTrackFrameReceived` events for that data track.
+
+        Takes effect now if the track is published, else once it is, and again after every
+        rejoin, until `unsubscribe_data_track` (data tracks are never subscribed otherwise).
+        """
+        self._data_tracks.subscribe(publisher_identity, track_name)
+
+    def unsubscribe_data_track(self, publisher_identity: str, track_name: str) -> None:
+        """Stop receiving that data track's frames."""
+        self._data_tracks.unsubscribe(publisher_identity, track_name)
+
+    def _remote_data_tracks(self) -> list[tuple[str, str, models.DataTrackInfo]]:
+        return [
+            (identity, info.sid, track)
+            for identity, info in self._state.remote_participants.items()
+            for track in info.data_tracks
+        ]
+
+    def _send_signal_soon(self, request: rtc.SignalRequest) -> asyncio.Future[None]:
+        """Send `request` on the current session's socket (raises `NotConnectedError`)."""
+        session = self._require_session()
+
+        async def send() -> None:
+            try:
+                await session.signal.send(request)
+            except SignalClosedError as exc:
+                raise NotConnectedError(f"room: signal request not sent: {exc}") from exc
+
+        return asyncio.ensure_future(send())
+
     def register_text_stream_handler(self, topic: str, handler: TextStreamHandler) -> None:
         """Handle incoming text streams of `topic`; register before data arrives."""
         self._streams.register_text_stream_handler(topic, handler)
@@ -312,6 +362,7 @@ class Room:
             raise
         self._session = session
         self._connection_state = "connected"
+        self._data_tracks.session_started(session.data_track)
         for name, coro in (
             ("lk-events", self._drain_events()),
             ("lk-streams", self._drain_streams()),
@@ -334,6 +385,7 @@ class Room:
             return
         self._closing = True
         session, self._session = self._session, None
+        self._data_tracks.session_lost("room closed")
         if session is not None:
             await self._close_session(session, send_leave=True, reason=f"room closed: {reason}")
         self._rpc.fail_all(RpcError(RpcError.SEND_FAILED, "room closed"))
@@ -584,6 +636,10 @@ class Room:
         lossy = session.publisher.create_data_channel("_lossy", lossy=True)
         session.reliable = FlowControlledChannel(reliable, self.counters, lossy=False)
         session.lossy = FlowControlledChannel(lossy, self.counters, lossy=True)
+        # Data tracks (`bridge.room.data_tracks`): opened with the others, but the join does
+        # not wait for it (the server makes its own in dual mode for what we subscribe to).
+        session.data_track = session.publisher.create_data_channel(DATA_TRACK_LABEL, lossy=True)
+        self._attach_receiver(session.data_track)
         for channel in (reliable, lossy):
             self._attach_receiver(channel)
 
@@ -617,9 +673,12 @@ class Room:
             kind = DataPacketKind.KIND_RELIABLE
         elif label == "_lossy":
             kind = DataPacketKind.KIND_LOSSY
+        elif label == DATA_TRACK_LABEL:
+            # Binary data-track packets, not DataPackets.
+            channel.on("message", self._data_tracks.on_channel_message)
+            return
         else:
-            # `_data_track` carries binary data-track frames, not DataPackets: not implemented.
-            channel.on("message", lambda _m: self.counters.inc("packets.data_track_ignored"))
+            channel.on("message", lambda _m: self.counters.inc("packets.unknown_channel"))
             return
         channel.on("message", lambda message: self._on_message(label, kind, message))
 
@@ -702,6 +761,8 @@ class Room:
     async def _handle_signal(self, session: _Session, msg: rtc.SignalResponse) -> None:
         kind = msg.WhichOneof("message")
         assert session.subscriber is not None and session.publisher is not None
+        if kind is not None and session is self._session and self._data_tracks.on_signal(msg, kind):
+            return
         if kind == "offer" and session.single_pc:
             # The server never offers in single mode (it asks for media sections instead);
             # answering on the connection we offer would collide with our own negotiation.
@@ -723,6 +784,7 @@ class Room:
         elif kind == "update":
             if session is self._session:
                 self._apply_events(self._state.apply_participant_update(msg.update.participants))
+                self._data_tracks.sync_subscriptions()
         elif kind == "room_update":
             if session is self._session:
                 self._apply_events(self._state.apply_room_update(msg.room_update.room))
@@ -805,6 +867,7 @@ class Room:
             log.warning("room: session lost: %s", reason)
             self._connection_state = "reconnecting"
             self._session = None
+            self._data_tracks.session_lost(f"connection lost: {reason}")
             await self._close_session(session, send_leave=False, reason=reason)
             self._rpc.fail_all(RpcError(RpcError.SEND_FAILED, f"connection lost: {reason}"))
             self._streams.abort_all(f"connection lost: {reason}")
@@ -820,6 +883,7 @@ class Room:
                 return
             self._session = new
             self._connection_state = "connected"
+            self._data_tracks.session_started(new.data_track)
             for event in events:
                 if isinstance(event, ParticipantDisconnected):
                     self._streams.on_participant_left(event.info.identity)
