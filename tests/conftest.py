@@ -15,7 +15,23 @@ from datetime import timedelta
 import pytest
 from livekit import api
 
-from tests.services import Kafka, LiveKitServer, Mosquitto, Service, ServiceError
+from tests.services import (
+    Kafka,
+    LiveKitServer,
+    Mosquitto,
+    Service,
+    ServiceError,
+    livekit_binary,
+    livekit_binary_version,
+)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which livekit-server this run tests (scripts/test runs tests/interop against two)."""
+    binary = livekit_binary()
+    version = livekit_binary_version(binary)
+    said = "v" + ".".join(map(str, version)) if version else "not installed or no version"
+    return f"livekit-server: {said} ({binary})"
 
 
 def _run(service: Service) -> Iterator[Service]:

@@ -6,18 +6,28 @@ there) and the client offers the *publisher* connection with its own `_reliable`
 channels (upstream data). In single peer connection mode (`/rtc/v1`) there is only the
 connection the client offers, and its two channels carry both directions; the server never
 offers. `PeerTransport` wraps one RTCPeerConnection: offer/answer, trickled candidates (queued
-until the remote description is set, since aiortc drops them otherwise), and its state.
+until the remote description is set, since aiortc drops them otherwise), and its state. Every
+connection gathers relay candidates on every TURN server the JoinResponse offers (UDP, TCP and
+TLS), which aioice alone does not (`gather_on_every_turn_server`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
+import os
 import socket
+import ssl
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
+import aioice
+import aioice.ice
+from aioice.candidate import candidate_foundation, candidate_priority
 from aiortc import (
     RTCConfiguration,
     RTCDataChannel,
@@ -25,6 +35,7 @@ from aiortc import (
     RTCPeerConnection,
     RTCSessionDescription,
 )
+from aiortc.rtcicetransport import parse_stun_turn_uri
 from aiortc.sdp import candidate_from_sdp
 from livekit.protocol import rtc
 
@@ -69,15 +80,57 @@ def enlarge_receive_buffers(pc: RTCPeerConnection) -> int:
     return done
 
 
-def ice_configuration(servers: Sequence[rtc.ICEServer]) -> RTCConfiguration:
-    """Aiortc's configuration from the ICE servers of a JoinResponse.
+# A PEM file of certificate authorities trusted for `turns:` servers besides the system's (a
+# TURN/TLS server with a private certificate). Read when a connection gathers its candidates.
+TURN_CA_FILE_ENV = "ROOMBUS_TURN_CA_FILE"
 
-    Only STUN and UDP TURN are kept: aioice has no ICE-TCP, and the server's TCP fallback is
-    meant to be off for us (see livekit-protocol.md §7).
+# Seconds a connection waits for its TURN allocations (and STUN answer) while gathering: aioice's
+# own bound. A TURN server the network blocks costs this much once per connection.
+GATHER_TIMEOUT = 5
+
+# Relay candidates' local preference by how we reach the TURN server, as libwebrtc orders them:
+# UDP, then TCP, then TLS (the costliest path is the last resort).
+_RELAY_PREFERENCE = {"udp": 65535, "tcp": 49151, "tls": 32767}
+
+
+@dataclass(frozen=True)
+class TurnServer:
+    """One TURN URL of a JoinResponse, with its credentials."""
+
+    url: str
+    host: str
+    port: int
+    # How we reach the server: "udp", "tcp" (`turn:...?transport=tcp`) or "tls" (`turns:`).
+    kind: Literal["udp", "tcp", "tls"]
+    username: str | None
+    password: str | None
+
+
+def _ice_server_urls(server: RTCIceServer) -> list[str]:
+    return list(server.urls) if isinstance(server.urls, list) else [server.urls]
+
+
+def ice_configuration(servers: Sequence[rtc.ICEServer]) -> RTCConfiguration:
+    """Aiortc's configuration from the ICE servers of a JoinResponse: every server it offers.
+
+    `stun:` and every TURN URL aioice can reach (`turn:` over UDP or TCP, `turns:` over TLS) are
+    kept; what aioice cannot use (`stuns:`, TURN over DTLS, malformed or IPv6-literal URLs) is
+    left out with a log line. aioice asks only the first STUN server; `PeerTransport` makes each
+    connection allocate on every TURN server (aioice alone would use only the first one).
     """
     result = []
     for server in servers:
-        urls = [u for u in server.urls if u.startswith("stun:") or _is_udp_turn(u)]
+        urls = []
+        for url in server.urls:
+            try:
+                parsed = parse_stun_turn_uri(url)
+            except ValueError as exc:
+                log.info("transport: ICE server %r left out: %s", url, exc)
+                continue
+            if parsed["scheme"] == "stun" or _turn_kind(parsed) is not None:
+                urls.append(url)
+            else:
+                log.info("transport: ICE server %r left out: aioice cannot use it", url)
         if urls:
             result.append(
                 RTCIceServer(
@@ -89,8 +142,165 @@ def ice_configuration(servers: Sequence[rtc.ICEServer]) -> RTCConfiguration:
     return RTCConfiguration(iceServers=result)
 
 
-def _is_udp_turn(url: str) -> bool:
-    return url.startswith("turn:") and "transport=tcp" not in url
+def _turn_kind(parsed: dict[str, object]) -> Literal["udp", "tcp", "tls"] | None:
+    scheme, transport = parsed["scheme"], parsed.get("transport")
+    if scheme == "turn" and transport in ("udp", "tcp"):
+        return "udp" if transport == "udp" else "tcp"
+    if scheme == "turns" and transport == "tcp":
+        return "tls"
+    return None
+
+
+def turn_servers(config: RTCConfiguration) -> list[TurnServer]:
+    """The TURN servers of `config` (from `ice_configuration`), in the server's order."""
+    result = []
+    for server in config.iceServers or []:
+        for url in _ice_server_urls(server):
+            try:
+                parsed = parse_stun_turn_uri(url)
+            except ValueError:
+                continue
+            kind = _turn_kind(parsed)
+            if kind is None or server.credentialType != "password":
+                continue
+            result.append(
+                TurnServer(
+                    url=url,
+                    host=str(parsed["host"]),
+                    port=int(parsed["port"]),
+                    kind=kind,
+                    username=server.username,
+                    password=server.credential,
+                )
+            )
+    return result
+
+
+def turn_ssl_context() -> ssl.SSLContext:
+    """The TLS context for `turns:` servers: the system's CAs, plus `$ROOMBUS_TURN_CA_FILE`."""
+    context = ssl.create_default_context()
+    ca_file = os.environ.get(TURN_CA_FILE_ENV)
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    return context
+
+
+async def _relay_candidate(connection: Any, component: int, server: TurnServer) -> tuple[Any, Any]:
+    """Allocate on `server` for `connection`; the relay candidate and its protocol."""
+    # aioice hands `turn_ssl` to asyncio as `ssl=`, so a context works (typed as a bool).
+    relayed_candidate: Any = aioice.ice.relayed_candidate
+    candidate, protocol = await relayed_candidate(
+        component=component,
+        hide_related_address=connection._transport_policy == aioice.ice.TransportPolicy.RELAY,
+        protocol_factory=lambda: aioice.ice.StunProtocol(connection),
+        turn_server=(server.host, server.port),
+        turn_username=server.username,
+        turn_password=server.password,
+        turn_ssl=turn_ssl_context() if server.kind == "tls" else False,
+        turn_transport="udp" if server.kind == "udp" else "tcp",
+    )
+    # Its own foundation and a preference by path (relays of one server share an address).
+    protocol.local_candidate = aioice.Candidate(
+        foundation=candidate_foundation("relay", f"udp/{server.kind}", candidate.host),
+        component=candidate.component,
+        transport=candidate.transport,
+        priority=candidate_priority(component, "relay", _RELAY_PREFERENCE[server.kind]),
+        host=candidate.host,
+        port=candidate.port,
+        type="relay",
+        related_address=candidate.related_address,
+        related_port=candidate.related_port,
+    )
+    setattr(protocol, "roombus_turn", server)  # noqa: B010 (aioice's class has no such slot)
+    return protocol.local_candidate, protocol
+
+
+def _can_gather_relays(connection: Any) -> bool:
+    """Whether this aioice exposes what `gather_on_every_turn_server` relies on."""
+    try:
+        params = inspect.signature(aioice.ice.relayed_candidate).parameters
+        inspect.signature(connection.get_component_candidates)
+    except (AttributeError, TypeError, ValueError):
+        return False
+    needed = {"component", "protocol_factory", "turn_server", "turn_ssl", "turn_transport"}
+    return (
+        needed <= params.keys()
+        and hasattr(connection, "turn_server")
+        and isinstance(getattr(connection, "_protocols", None), list)
+    )
+
+
+def gather_on_every_turn_server(
+    connection: Any, servers: Sequence[TurnServer], counters: Counters, name: str = "ice"
+) -> bool:
+    """Make aioice `connection` allocate a relay candidate on every one of `servers`.
+
+    aioice takes one TURN server; this replaces that with all of them, gathered in parallel with
+    the host and STUN candidates and within the same bound (`GATHER_TIMEOUT`). A server that
+    fails or does not answer in time (a blocked port, an untrusted certificate) only logs and
+    counts `transport.turn_failed`. Returns False, leaving aioice's own single TURN server,
+    when this aioice lacks what that needs.
+    """
+    if not servers or not _can_gather_relays(connection):
+        return False
+    original = connection.get_component_candidates
+    connection.turn_server = None  # ours gathers them all
+
+    async def get_component_candidates(
+        component: int,
+        addresses: list[str],
+        timeout: int = GATHER_TIMEOUT,  # noqa: ASYNC109 (aioice's signature)
+    ) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        relays = {
+            asyncio.ensure_future(_relay_candidate(connection, component, server)): server
+            for server in servers
+        }
+        try:
+            candidates: list[Any] = await original(
+                component=component, addresses=addresses, timeout=timeout
+            )
+            remaining = max(0.0, timeout - (loop.time() - start))
+            await asyncio.wait(relays, timeout=remaining)
+        finally:
+            for task in relays:
+                task.cancel()
+        for task, server in relays.items():
+            if task.cancelled() or not task.done():
+                failure = f"no allocation within {timeout} s"
+            elif (exc := task.exception()) is not None:
+                failure = f"{type(exc).__name__}: {exc}"
+            else:
+                candidate, protocol = task.result()
+                candidates.append(candidate)
+                connection._protocols.append(protocol)
+                log.debug("transport: %s: relay candidate via %s", name, server.url)
+                continue
+            counters.inc("transport.turn_failed")
+            log.info("transport: %s: TURN server %s unusable: %s", name, server.url, failure)
+        return candidates
+
+    connection.get_component_candidates = get_component_candidates
+    return True
+
+
+def selected_route(pc: RTCPeerConnection) -> str | None:
+    """How `pc`'s data travels now: "host", "srflx", "prflx", or "relay <TURN URL>".
+
+    None before a pair is nominated, or when aioice's layout is unknown.
+    """
+    if pc.sctp is None:
+        return None
+    try:
+        pair = pc.sctp.transport.transport.iceGatherer._connection._nominated.get(1)
+    except AttributeError:
+        return None
+    if pair is None:
+        return None
+    kind = str(pair.local_candidate.type)
+    server = getattr(pair.protocol, "roombus_turn", None)
+    return f"{kind} {server.url}" if isinstance(server, TurnServer) else kind
 
 
 class PeerTransport:
@@ -110,6 +320,7 @@ class PeerTransport:
         # For logs and task names: "publisher", "subscriber", or "single".
         self.name = name or rtc.SignalTarget.Name(target).lower()
         self.pc = RTCPeerConnection(configuration=config)
+        self._turn = turn_servers(config)
         self.connected = asyncio.Event()
         self._counters = counters
         self._pending_candidates: list[dict[str, object]] = []
@@ -123,6 +334,7 @@ class PeerTransport:
         state = self.pc.connectionState
         log.debug("transport: %s peer connection %s", self.name, state)
         if state == "connected":
+            log.debug("transport: %s connected (%s)", self.name, selected_route(self.pc))
             self.connected.set()
         elif state in ("failed", "closed") and not self._closed:
             self._on_failed(f"{self.name} peer connection {state}")
@@ -131,15 +343,44 @@ class PeerTransport:
         """Apply the server's offer and return our answer SDP."""
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         await self._remote_description_set()
+        self._use_every_turn_server()
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         enlarge_receive_buffers(self.pc)
         return str(self.pc.localDescription.sdp)
 
     async def offer(self) -> str:
         """Create our offer (gathering candidates into it) and return its SDP."""
+        self._use_every_turn_server()
         await self.pc.setLocalDescription(await self.pc.createOffer())
         enlarge_receive_buffers(self.pc)
         return str(self.pc.localDescription.sdp)
+
+    def _use_every_turn_server(self) -> None:
+        """Before gathering: every ICE agent of the connection allocates on every TURN server."""
+        if not self._turn:
+            return
+        transports = getattr(self.pc, "_RTCPeerConnection__iceTransports", None)
+        if not isinstance(transports, set):
+            transports = {self.pc.sctp.transport.transport} if self.pc.sctp is not None else set()
+        for ice in transports:
+            connection = getattr(getattr(ice, "iceGatherer", None), "_connection", None)
+            if connection is None or getattr(connection, "roombus_turn_installed", False):
+                continue
+            if gather_on_every_turn_server(connection, self._turn, self._counters, self.name):
+                connection.roombus_turn_installed = True
+            else:
+                log.warning(
+                    "transport: %s: this aioice cannot gather on several TURN servers; "
+                    "only the first, %s, is used",
+                    self.name,
+                    self._turn[0].url,
+                )
+                connection.roombus_turn_installed = True
+
+    @property
+    def route(self) -> str | None:
+        """How the connection's data travels now (see `selected_route`)."""
+        return selected_route(self.pc)
 
     async def apply_answer(self, answer_sdp: str) -> None:
         """Apply the server's answer to our offer."""

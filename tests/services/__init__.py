@@ -22,6 +22,9 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -50,12 +53,39 @@ def _pinned(name: str) -> str:
             if key in (
                 "ROOMBUS_CACHE",
                 "LIVEKIT_VERSION",
-                "KAFKA_VERSION",
+                "LIVEKIT_OLDEST_VERSION",
+                "ROOMBUS_LIVEKIT_VERSION",
                 "LIVEKIT_BIN",
+                "LIVEKIT_OLDEST_BIN",
+                "KAFKA_VERSION",
                 "KAFKA_LIBS",
             ):
                 os.environ.setdefault(key, value)
     return os.environ[name]
+
+
+def livekit_binary() -> Path:
+    """The livekit-server the tests run: LIVEKIT_BIN, else the cached build of
+    ROOMBUS_LIVEKIT_VERSION, else the newest pin (scripts/services/versions).
+
+    scripts/test runs the whole suite against the newest pin and tests/interop once more with
+    ROOMBUS_LIVEKIT_VERSION (and LIVEKIT_BIN) set to the oldest supported release.
+    """
+    return Path(_pinned("LIVEKIT_BIN"))
+
+
+def livekit_binary_version(binary: Path | None = None) -> tuple[int, ...] | None:
+    """The release `binary` (default: `livekit_binary()`) reports, e.g. (1, 13, 11); None when
+    it is missing or says something else."""
+    binary = binary or livekit_binary()
+    try:
+        out = subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True, timeout=20, check=False
+        ).stdout
+    except OSError:
+        return None
+    found = re.search(r"version v?(\d+(?:\.\d+)+)", out)
+    return tuple(int(part) for part in found.group(1).split(".")) if found else None
 
 
 def test_ip() -> str:
@@ -71,6 +101,16 @@ def _fill(template: Path, values: dict[str, str]) -> str:
     if left:
         raise ServiceError(f"{template}: placeholders left unfilled: {', '.join(left)}")
     return text
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    result = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = _merged(result[key], value)
+        else:
+            result[key] = value
+    return result
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -207,6 +247,9 @@ class LiveKitServer(Service):
     udp_port: int = 7882
     turn_port: int = 3478
     webhook_url: str | None = None
+    # Merged over tests/services/livekit.yaml (nested mappings key by key, anything else
+    # replaced), e.g. {"turn": {"tls_port": 443, "cert_file": ...}} for TURN/TLS.
+    overrides: dict[str, Any] = field(default_factory=dict)
     api_key: str = LIVEKIT_API_KEY
     api_secret: str = LIVEKIT_API_SECRET
 
@@ -222,7 +265,7 @@ class LiveKitServer(Service):
         return f"http://{test_ip()}:{self.port}"
 
     def prepare(self) -> None:
-        binary = _require(Path(_pinned("LIVEKIT_BIN")), self.name)
+        binary = _require(livekit_binary(), self.name)
         webhook = ""
         if self.webhook_url:
             webhook = f"webhook:\n  api_key: {self.api_key}\n  urls:\n    - {self.webhook_url}\n"
@@ -238,6 +281,8 @@ class LiveKitServer(Service):
                 "WEBHOOK": webhook,
             },
         )
+        if self.overrides:
+            config = yaml.safe_dump(_merged(yaml.safe_load(config), self.overrides))
         (self.workdir / "livekit.yaml").write_text(config)
         self.command = [str(binary), "--config", str(self.workdir / "livekit.yaml")]
 
