@@ -309,6 +309,8 @@ def _flush_sync(self: Any) -> bool:
     """
     if self._association_state != _State.ESTABLISHED:
         return True  # as the async flush: nothing to do until established
+    if not self._data_channel_queue and not self._reconfig_queue:
+        return True  # the common case after a SACK: nothing waits to be moved
     if self._rb_rtx_pending or self._forward_tsn_chunk is not None or self._reconfig_queue:
         return False
     route = _sync_route(self)
@@ -494,8 +496,16 @@ async def _transmit(self: Any) -> None:
             retransmit_earliest = False
         self._rb_rtx_pending = False
 
+    packets = _new_packets(self, cwnd)
+    if not packets:
+        return
+    route = _sync_route(self)
+    if route is not None:
+        for packet in packets:
+            _send_packet_sync(route, packet)
+        return
     dtls = self._RTCSctpTransport__transport
-    for packet in _new_packets(self, cwnd):
+    for packet in packets:
         await dtls._send_data(packet)
 
 
