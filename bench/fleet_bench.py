@@ -419,10 +419,27 @@ def _py(module: str, *args: str) -> list[str]:
 
 
 def bridge_config(
-    args: argparse.Namespace, servers: Servers, case: str, run: str, kafka_topic: str
+    args: argparse.Namespace,
+    servers: Servers,
+    case: str,
+    run: str,
+    kafka_topic: str,
+    replica: int = 0,
 ) -> str:
-    """The bridge's config.yaml for `case`."""
+    """The bridge's config.yaml for `case` (of replica number `replica` with --replicas)."""
     lk = servers.livekit
+    port = args.health_port + replica
+    bridge = f"bridge:\n  http_port: {port}\n"
+    if args.replicas > 1:
+        assert servers.kafka is not None
+        bridge += (
+            f"  replicas: {{kafka: ctl, group_id: fleet-{run}, control_topic: fleet-rooms-{run},"
+            f" session_timeout: 6, heartbeat_interval: 1, replica_id: r{replica}}}\n"
+        )
+        bridge = (
+            f'kafka:\n  ctl: {{bootstrap_servers: ["{servers.kafka.bootstrap}"],'
+            f" client_id: fleet-ctl-{run}}}\n" + bridge
+        )
     rooms = ", ".join(room_names(args.rooms))
     head = f"""\
 livekit:
@@ -446,9 +463,8 @@ connectors:
   - name: commands
     from: {{room: "fleet-*", packet: {{topic: "command/{{device}}"}}}}
     to: {{mqtt: bus, topic: "fleet/{{room}}/{{device}}/commands", qos: 1}}
-bridge:
-  http_port: {args.health_port}
 """
+            + bridge
         )
     assert servers.kafka is not None
     source = (
@@ -465,9 +481,8 @@ connectors:
   - name: to-kafka
     from: {{room: "fleet-*", {source}}}
     to: {{kafka: main, topic: "{kafka_topic}", key: "{{room}}"}}
-bridge:
-  http_port: {args.health_port}
 """
+        + bridge
     )
 
 
@@ -504,6 +519,17 @@ def _chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def _sum_cpu(pids: list[int]) -> float | None:
+    """CPU seconds of all `pids` together (None if one is gone)."""
+    total = 0.0
+    for pid in pids:
+        cpu = proc_cpu(pid)
+        if cpu is None:
+            return None
+        total += cpu
+    return total
+
+
 def _profiled(args: argparse.Namespace, argv: list[str], target: str, case: str) -> list[str]:
     """With --profile, `argv` (a ``python -m`` or roombus command) under `bench.cpuprofile`."""
     if not args.profile:
@@ -528,12 +554,15 @@ async def run_target(
     run = uuid.uuid4().hex[:8]
     rooms = room_names(args.rooms)
     peer = PEER_BRIDGE if target == "bridge" else PEER_RELAY
+    if target == "bridge" and args.replicas > 1:
+        peer = f"{PEER_BRIDGE}-{{room}}"  # bridge.replicas' default identity: one per room
     lk = servers.livekit
     kafka_topic = f"fleet.{target}.{run}"
     duration = args.duration if case == "fleet" else args.kafka_duration
     text = case == "text-kafka"
     children: list[Child] = []
     target_child: Child | None = None
+    replicas: list[Child] = []  # the bridge's processes (several with --replicas)
     outs: list[tuple[Child, Path]] = []
     try:
         if case in KAFKA_CASES:
@@ -541,18 +570,26 @@ async def run_target(
             await _create_topic(servers.kafka.bootstrap, kafka_topic, args.kafka_partitions)
         # --- the target
         if target == "bridge":
-            config = workdir / f"bridge-{case}.yaml"
-            config.write_text(bridge_config(args, servers, case, run, kafka_topic))
-            command = shlex.split(args.bridge_cmd) if args.bridge_cmd else [ROOMBUS]
-            argv = [*command, "--log-level", args.bridge_log_level, "run", str(config)]
-            argv = _profiled(args, argv, target, case)
-            # Not from the checkout's directory: --bridge-cmd may run another copy of `bridge`.
-            target_child = await Child.start(
-                f"bridge-{case}", argv, workdir, control=False, cwd=workdir
-            )
-            await _wait_http_ready(
-                f"http://127.0.0.1:{args.health_port}/ready", target_child, args.ready_timeout
-            )
+            for replica in range(args.replicas):
+                suffix = f"-r{replica}" if args.replicas > 1 else ""
+                config = workdir / f"bridge-{case}{suffix}.yaml"
+                config.write_text(bridge_config(args, servers, case, run, kafka_topic, replica))
+                command = shlex.split(args.bridge_cmd) if args.bridge_cmd else [ROOMBUS]
+                argv = [*command, "--log-level", args.bridge_log_level, "run", str(config)]
+                if replica == 0:
+                    argv = _profiled(args, argv, target, case)
+                # Not from the checkout's directory: --bridge-cmd may run another copy.
+                child = await Child.start(
+                    f"bridge-{case}{suffix}", argv, workdir, control=False, cwd=workdir
+                )
+                replicas.append(child)
+                target_child = target_child or child
+            for replica, child in enumerate(replicas):
+                await _wait_http_ready(
+                    f"http://127.0.0.1:{args.health_port + replica}/ready",
+                    child,
+                    args.ready_timeout,
+                )
         else:
             argv = _py(
                 "bench.fleet_relay",
@@ -580,6 +617,7 @@ async def run_target(
             argv = _profiled(args, argv, target, case)
             target_child = await Child.start(f"relay-{case}", argv, workdir, control=True)
             await target_child.expect("ready", args.ready_timeout)
+        assert target_child is not None
         # --- the load generators
         size = args.text_size if text else args.size
         common = ["--run", run, "--size", str(size), "--duration", str(duration)]
@@ -688,7 +726,14 @@ async def run_target(
         # --- probes: every path of every room carries traffic before the clock starts
         await _probe(children, rooms, args, case)
         # --- the measured window
-        pids = {target: target_child.proc.pid}
+        shares = (
+            [target] if len(replicas) <= 1 else [f"{target}-r{i}" for i in range(len(replicas))]
+        )
+        pids = (
+            {target: target_child.proc.pid}
+            if len(replicas) <= 1
+            else {name: child.proc.pid for name, child in zip(shares, replicas, strict=True)}
+        )
         pids.update({c.name: c.proc.pid for c in children})
         pids["livekit-server"] = lk.process.pid
         if case == "fleet":
@@ -701,9 +746,9 @@ async def run_target(
         for child in children:
             child.send(f"start {int(t0 * 1e9)}")
         await asyncio.sleep(max(0.0, idle_from - time.monotonic()))
-        idle_before = proc_cpu(target_child.proc.pid)
+        idle_before = _sum_cpu([pids[name] for name in shares])
         await asyncio.sleep(max(0.0, t0 - time.monotonic()))
-        idle_after = proc_cpu(target_child.proc.pid)
+        idle_after = _sum_cpu([pids[name] for name in shares])
         if idle_before is not None and idle_after is not None and args.idle > 0:
             result.target_idle_share = (idle_after - idle_before) / (t0 - idle_from)
         if args.profile:
@@ -741,9 +786,10 @@ async def run_target(
                 relay_stats = json.loads(relay_path.read_text())
         result.directions = _directions(case, target, results, duration)
         forwarded = sum(d.in_window for d in result.directions)
-        target_use = next(p for p in result.processes if p.name == target)
-        result.target_cpu_us_per_msg = target_use.cpu_s / max(forwarded, 1) * 1e6
-        result.target_rss_mb = target_use.rss_mb
+        target_uses = [p for p in result.processes if p.name in shares]
+        target_cpu = sum(p.cpu_s for p in target_uses)
+        result.target_cpu_us_per_msg = target_cpu / max(forwarded, 1) * 1e6
+        result.target_rss_mb = sum(p.rss_mb for p in target_uses)
         for r in results:
             result.notes.extend(r.get("notes", []))
         if relay_stats.get("errors"):
@@ -754,18 +800,20 @@ async def run_target(
         for child in children:
             child.send("quit")
         await asyncio.gather(*(c.stop(grace=10) for c in children), return_exceptions=True)
-        if target_child is not None:
-            rc = await target_child.stop()
+        for child in replicas if target == "bridge" else [target_child] if target_child else []:
+            rc = await child.stop()
             if target == "bridge" and rc not in (0, None):
-                result.notes.append(f"bridge exit status {rc}: {target_child.log_tail(6)}")
+                result.notes.append(f"{child.name} exit status {rc}: {child.log_tail(6)}")
             elif target == "bridge":
                 warnings = [
                     line
-                    for line in target_child.log_path.read_text(errors="replace").splitlines()
+                    for line in child.log_path.read_text(errors="replace").splitlines()
                     if " ERROR " in line or "Traceback" in line
                 ]
                 if warnings:
-                    result.notes.append(f"bridge logged {len(warnings)} ERROR lines: {warnings[0]}")
+                    result.notes.append(
+                        f"{child.name} logged {len(warnings)} ERROR lines: {warnings[0]}"
+                    )
     return result
 
 
@@ -971,7 +1019,7 @@ async def run(args: argparse.Namespace) -> int:
         )
         mq = Mosquitto(name="mosquitto-fleet-bench", workdir=workdir / "mqtt", port=args.mqtt_port)
         kafka = None
-        if any(case in KAFKA_CASES for case in cases):
+        if any(case in KAFKA_CASES for case in cases) or args.replicas > 1:
             kafka = Kafka(
                 name="kafka-fleet-bench",
                 workdir=workdir / "kafka",
@@ -1018,6 +1066,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", nargs="+", choices=["bridge", "relay"], default=["bridge", "relay"])
     p.add_argument("--quick", action="store_true", help="20 devices x 4 rooms x 5 msg/s x 15 s")
     p.add_argument("--devices", type=int, default=200)
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="bridge processes sharing the rooms (bridge.replicas on the bench's Kafka)",
+    )
     p.add_argument("--rooms", type=int, default=20)
     p.add_argument("--rate", type=float, default=5.0, help="msg/s per device")
     p.add_argument("--duration", type=float, default=120.0, help="fleet load seconds")

@@ -120,9 +120,10 @@ class SdkRooms:
             self.rooms[name] = room
             # The SDK drops packets from participants it does not know yet.
             deadline = time.monotonic() + 30
-            while self.args.peer not in room.remote_participants:
+            peer = self.args.peer.replace("{room}", name)  # one identity per room (replicas)
+            while peer not in room.remote_participants:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{name}: {self.args.peer} not seen within 30 s")
+                    raise RuntimeError(f"{name}: {peer} not seen within 30 s")
                 await asyncio.sleep(0.1)
 
         await asyncio.gather(*(one(name) for name in self.names))
@@ -348,7 +349,11 @@ def main() -> None:
     parser.add_argument("--api-secret", default="")
     parser.add_argument("--all-rooms", type=int, default=0, help="rooms in the whole run")
     parser.add_argument("--devices", type=int, default=0, help="devices in the whole fleet")
-    parser.add_argument("--peer", default="bridge", help="identity of the target participant")
+    parser.add_argument(
+        "--peer",
+        default="bridge",
+        help="identity of the target participant ({room}: the room's name)",
+    )
     parser.add_argument("--cmd-rate", type=float, default=1.0, help="commands/s per room")
     parser.add_argument("--send-rate", type=float, default=25.0, help="packets/s per room (send)")
     parser.add_argument("--send-kind", choices=["packet", "text"], default="packet")
