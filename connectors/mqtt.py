@@ -610,6 +610,11 @@ class _PublishWaiter:
     topic: str
 
 
+# What `_Client._handle_pubackcomp` reports for a bare successful PUBACK (shared, never changed).
+_PUBACK_SUCCESS = {code: ReasonCode(PacketTypes.PUBACK, identifier=code) for code in (0x00, 0x10)}
+_NO_PUBACK_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+
+
 class _Client(paho.Client):
     """paho's client, given a socket we connected ourselves instead of connecting it itself.
 
@@ -650,6 +655,28 @@ class _Client(paho.Client):
         if receiver is not None and dispatch_publish(self, receiver):
             return MQTTErrorCode.MQTT_ERR_SUCCESS
         return super()._handle_publish()
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        """A successful PUBACK without properties, handled without decoding objects.
+
+        paho decodes every PUBACK into a `ReasonCode` and a `Properties` object (whose
+        constructor builds its name tables); a broker's usual PUBACK is the packet identifier
+        alone (MQTT 5 §3.4.2.1 lets it omit a success code and empty properties). Anything
+        else goes to paho. Relies on paho-mqtt 2.2 internals: `_in_packet`, `_out_messages`,
+        `_out_message_mutex`, `_do_on_publish`.
+        """
+        packet = self._in_packet["packet"]
+        # The identifier alone, or with a success code (0, or 0x10 "no matching subscribers")
+        # and no properties (none, or a zero property length).
+        size = len(packet)
+        reason = _PUBACK_SUCCESS.get(packet[2] if size >= 3 else 0)
+        if cmd == "PUBACK" and reason is not None and (size <= 3 or (size == 4 and not packet[3])):
+            (mid,) = struct.unpack("!H", packet[:2])
+            with self._out_message_mutex:
+                if mid in self._out_messages:
+                    return self._do_on_publish(mid, reason, _NO_PUBACK_PROPERTIES)
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super()._handle_pubackcomp(cmd)
 
     def _handle_pubrec(self) -> MQTTErrorCode:
         """Treat a PUBREC with a failure reason code as the refusal it is.

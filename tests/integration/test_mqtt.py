@@ -348,6 +348,34 @@ async def test_qos0_and_qos1_take_the_fast_decoder_and_qos2_paho(
     assert [(c & 0x06) >> 1 for c in calls] == [2]  # only the QoS 2 message went through paho
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_successful_pubacks_bypass_paho_decoding(
+    mosquitto: Mosquitto, protocol: Protocol, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker's bare success PUBACK resolves the publish without paho's decoder objects.
+
+    Counted through paho's own `_handle_pubackcomp`, which only the fallback reaches (a PUBACK
+    with a failure code or properties: the ACL tests below).
+    """
+    import paho.mqtt.client as paho_client
+
+    calls: list[str] = []
+    original = paho_client.Client._handle_pubackcomp
+
+    def counting(self: paho_client.Client, cmd: Any) -> Any:
+        calls.append(cmd)
+        return original(self, cmd)
+
+    monkeypatch.setattr(paho_client.Client, "_handle_pubackcomp", counting)
+    async with running(
+        "mqtt:pub", settings(mosquitto.port, protocol=protocol, client_id=f"p-{uid()}")
+    ) as pub:
+        for _ in range(5):
+            await pub.publish(Outbound(topic=f"puback/{uid()}", payload=b"x", qos=1))
+        assert pub.counters["mqtt.published"] == 5
+    assert calls == []
+
+
 async def test_mqtt311_drops_mqtt5_fields_and_counts_them(mosquitto: Mosquitto) -> None:
     topic = f"v311/{uid()}"
     async with (
