@@ -10,6 +10,7 @@ error, except the ServiceMonitor, whose CRD schema is not in that set (it is che
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,13 @@ def kubeconform() -> list[str]:
             "-schema-location", location]  # fmt: skip
 
 
-def render(helm: str, *settings: str) -> list[dict[str, Any]]:
+REPLICAS_VALUES = ROOT / "deploy" / "helm" / "replicas-values.yaml"
+
+
+def render(helm: str, *settings: str, values: Path | None = None) -> list[dict[str, Any]]:
     args = [helm, "template", "rb", str(CHART)]
+    if values is not None:
+        args += ["-f", str(values)]
     for setting in settings:
         args += ["--set", setting]
     out = run(args).stdout
@@ -132,3 +138,98 @@ def test_service_monitor_option(helm: str, kubeconform: list[str]) -> None:
     # The core kinds are validated; the CRD's kind is skipped (no schema here), and counted.
     summary = validate(kubeconform, docs, "ServiceMonitor")["summary"]
     assert summary == {"valid": 4, "invalid": 0, "errors": 0, "skipped": 1}, summary
+
+
+def test_replicas_values_render_bridge_replicas(
+    helm: str, kubeconform: list[str], tmp_path: Path
+) -> None:
+    """deploy/helm/replicas-values.yaml: N replicas as a StatefulSet, with a PDB."""
+    docs = render(helm, values=REPLICAS_VALUES)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == [
+        "ConfigMap", "PodDisruptionBudget", "Secret", "Service", "Service", "StatefulSet"
+    ], kinds  # fmt: skip
+    summary = validate(kubeconform, docs)["summary"]
+    assert summary == {"valid": 6, "invalid": 0, "errors": 0, "skipped": 0}, summary
+    by_kind = {d["kind"]: d for d in docs}
+    text = by_kind["ConfigMap"]["data"]["config.yaml"]
+    config = yaml.safe_load(text)
+    assert config["bridge"]["replicas"] == {
+        "kafka": "main",
+        "partitions": 12,
+        "session_timeout": 10,
+        "heartbeat_interval": 3,
+        "replica_id": "${POD_NAME}",
+        "handover_timeout": 10,
+    }
+    assert config["bridge"]["http_port"] == 8081
+    workload = by_kind["StatefulSet"]
+    assert workload["spec"]["replicas"] == 3
+    assert workload["spec"]["podManagementPolicy"] == "Parallel"
+    (container,) = workload["spec"]["template"]["spec"]["containers"]
+    # replica_id ${POD_NAME}: the pod's own (stable) name, from the downward API.
+    assert {
+        "name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}
+    } in container["env"]  # fmt: skip
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    headless = services[workload["spec"]["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None"
+    pdb = by_kind["PodDisruptionBudget"]
+    assert pdb["spec"] == {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": workload["spec"]["selector"]["matchLabels"]},
+    }
+    # `roombus check` accepts the rendered file, with POD_NAME as the pod would have it.
+    secret = by_kind["Secret"]["stringData"]["livekit-api-secret"]
+    (tmp_path / "livekit-api-secret").write_text(secret)
+    path = tmp_path / "config.yaml"
+    path.write_text(text.replace("/etc/roombus/secrets", str(tmp_path)))
+    env = dict(os.environ, POD_NAME="rb-roombus-0")
+    run([str(Path(sys.executable).parent / "roombus"), "check", str(path)], env=env)
+
+
+def test_replicas_as_a_deployment_roll_one_pod_at_a_time(helm: str, kubeconform: list[str]) -> None:
+    docs = render(helm, "workload=Deployment", "podDisruptionBudget.minAvailable=2",
+                  values=REPLICAS_VALUES)  # fmt: skip
+    by_kind = {d["kind"]: d for d in docs}
+    assert "StatefulSet" not in by_kind
+    assert len([d for d in docs if d["kind"] == "Service"]) == 1  # no headless one
+    spec = by_kind["Deployment"]["spec"]
+    assert spec["strategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}
+    }  # fmt: skip
+    assert by_kind["PodDisruptionBudget"]["spec"]["minAvailable"] == 2
+    assert "maxUnavailable" not in by_kind["PodDisruptionBudget"]["spec"]
+    config = yaml.safe_load(by_kind["ConfigMap"]["data"]["config.yaml"])
+    assert config["bridge"]["replicas"]["replica_id"] == "${POD_NAME}"
+    summary = validate(kubeconform, docs)["summary"]
+    assert summary == {"valid": 5, "invalid": 0, "errors": 0, "skipped": 0}, summary
+
+
+def test_single_replica_default_has_no_replicas_section(helm: str) -> None:
+    docs = {d["kind"]: d for d in render(helm)}
+    config = yaml.safe_load(docs["ConfigMap"]["data"]["config.yaml"])
+    assert "replicas" not in config["bridge"]
+    assert docs["Deployment"]["spec"]["strategy"] == {"type": "Recreate"}
+    env = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert [e["name"] for e in env] == ["ROOMBUS_HTTP_PORT"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (["replicaCount=2"], "replicaCount > 1 needs replicas.enabled=true"),
+        (["replicas.enabled=true"], "replicas.kafka: name the cluster"),
+        (["replicas.enabled=true", "replicas.kafka=nope"], '"nope" is not a cluster'),
+        (["workload=DaemonSet"], "workload must be Deployment or StatefulSet"),
+    ],
+)
+def test_chart_refuses_replicas_without_sharding(
+    helm: str, settings: list[str], message: str
+) -> None:
+    args = [helm, "template", "rb", str(CHART)]
+    for setting in settings:
+        args += ["--set", setting]
+    done = run(args, check=False)
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr
