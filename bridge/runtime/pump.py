@@ -134,6 +134,7 @@ class BusPump:
         self._in_flight = 0
         self._reader: asyncio.Task[None] | None = None
         self._stopping = False
+        self._read_ended = False  # reading stopped: lanes end once they hold nothing
         # Rate limits by route; what they release or discard, for `_settle_held`.
         self.limits: dict[str, RateLimiter[_HeldItem]] = {}
         self._held: collections.deque[tuple[_HeldItem, str | None, RateLimiter[_HeldItem]]] = (
@@ -153,6 +154,7 @@ class BusPump:
     async def run(self) -> None:
         """Read the source and deliver until cancelled, `stop_reading`, or the source ends."""
         self._stopping = False
+        self._read_ended = False
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             settler = tg.create_task(self._settle_held(), name=f"roombus[{self.name}].held")
@@ -166,7 +168,9 @@ class BusPump:
                 if not self._stopping:
                     raise
             reaper.cancel()
-            # No more messages: let the lanes finish what they hold, then end.
+            # No more messages: let the lanes finish what they hold, then end. A lane busy now
+            # sees `_read_ended` when it is done (it would otherwise wait for more, forever).
+            self._read_ended = True
             for lane in list(self._lanes.values()):
                 if lane.waiter is not None and not lane.waiter.done():
                     lane.waiter.set_result(False)
@@ -285,6 +289,8 @@ class BusPump:
                         self._in_flight -= 1
                         self._slots.release()
                 lane.last_used = time.monotonic()
+                if self._read_ended:
+                    return
                 lane.waiter = loop.create_future()
                 if not await lane.waiter:
                     return

@@ -135,6 +135,44 @@ async def test_deliveries_run_concurrently_across_keys_and_in_order_within_a_key
         await eventually(lambda: len(source.acked) == 40, "every message acknowledged")
 
 
+async def test_a_lane_busy_when_reading_stops_ends_once_its_delivery_is_done() -> None:
+    """`run` returns as soon as the deliveries in progress finish (a graceful stop's first step).
+
+    A lane still delivering when reading stopped used to wait for more messages afterwards,
+    forever: the stop then took the whole shutdown timeout.
+    """
+    rooms = FakeRooms()
+    rooms.gates["slow"] = asyncio.Event()
+    broker = MemoryBroker()
+    source = MemoryBus("mqtt:bus", broker, subscriptions=["#"])
+    sink = MemoryBus("mqtt:bus:pub", broker)
+    counters = Counters()
+    pump = BusPump(
+        "mqtt:bus",
+        source,
+        _routes(ROUTE),
+        endpoint="mqtt:bus",
+        room_sink=rooms,
+        rejections=Rejections({}, Publisher(counters), counters, "me"),
+        rpc=None,
+        counters=counters,
+        bridge_id="me",
+        max_in_flight=64,
+    )
+    async with source, sink:
+        task = asyncio.create_task(pump.run())
+        await sink.publish(_out("dev/slow/1", b'{"payload": "s"}'))
+        await eventually(lambda: pump.in_flight == 1, "the delivery in progress")
+        pump.stop_reading()
+        await asyncio.sleep(0.05)
+        assert not task.done()  # the delivery in progress is waited for
+        rooms.gates["slow"].set()
+        await eventually(task.done, "run returned once the delivery finished")
+        await task
+    assert rooms.delivered == [("slow", b"s")]
+    assert len(source.acked) == 1
+
+
 @pytest.mark.parametrize("policy", ["drop", "hold", "dead_letter"])
 async def test_a_rejected_message_is_decided_once_by_on_reject(policy: str) -> None:
     dead_letter = (
