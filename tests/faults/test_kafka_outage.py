@@ -1,0 +1,154 @@
+"""R3: Kafka stopped under room → Kafka load, with the spool, and with a small in-memory buffer
+that drops (deliberate drops equal to the bridge's counter).
+
+An SDK participant sends reliable packets; a message is acknowledged when the bridge received
+it (the bridge stays in the room throughout). The topic uses LogAppendTime, so a record's
+timestamp is when Kafka appended it: read at the end, it still gives recovery and drain times.
+
+Expected (short / full):
+
+* R3 spool: Kafka down 30 s / 5 min at 100 / 50 msg/s (5 s / 30 s of load before and after):
+  lost 0; no drop counted; the backlog drains within 60 s of Kafka's return (asserted with a
+  generous 120 s bound).
+* R3 drop: no spool, `queue_size: 300`, `overflow: drop_newest`; Kafka down 6 s / 60 s at 100
+  msg/s: the checker's lost count equals `roombus_route_dropped_total{reason="overflow"}`
+  exactly; nothing else lost; no duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from tests.faults.checker import Leg, Result
+from tests.faults.harness import (
+    BridgeProc,
+    Metrics,
+    RoomPublisher,
+    bridge_head,
+    bridge_in_room,
+    bridge_section,
+    create_topic,
+    free_port,
+    kafka_section,
+    pace,
+    pick,
+    read_kafka,
+    sdk_room,
+)
+from tests.services import Kafka, LiveKitServer
+
+
+async def _outage(
+    scenario: str,
+    livekit: LiveKitServer,
+    kafka: Kafka,
+    room: str,
+    tmp: Path,
+    bridge_extra: str,
+    outage: float,
+    rate: float,
+    around: float,
+    quiet: float = 15,
+) -> tuple[Leg, BridgeProc, Metrics]:
+    topic = f"faults-{scenario.lower()}-{int(time.time())}"
+    await create_topic(kafka, topic)
+    leg = Leg(scenario, "room→kafka")
+    port = free_port()
+    config = (
+        bridge_head(livekit, room)
+        + bridge_section(tmp / "state", port, bridge_extra)
+        + kafka_section(kafka.bootstrap)
+        + "connectors:\n"
+        "  - name: up\n"
+        '    from: {room: "*", packet: {topic: up}}\n'
+        f'    to: {{kafka: main, topic: "{topic}", key: "{{participant}}"}}\n'
+    )
+    bridge = BridgeProc(tmp, config, port)
+    try:
+        async with sdk_room(livekit, room, "sender") as sender:
+            pub = RoomPublisher(sender, leg, "up")
+            bridge.start()
+            await bridge.wait_ready()
+            await bridge_in_room(sender)
+
+            async def send(_i: int) -> None:
+                await pub.send("sender")
+
+            load = asyncio.create_task(pace(rate, around * 2 + outage, send))
+            await asyncio.sleep(around)
+            f = leg.fault(f"Kafka down {outage:.0f} s")
+            await asyncio.to_thread(kafka.stop)
+            await asyncio.sleep(outage)
+            await asyncio.to_thread(kafka.start)
+            f.end = time.time()
+            await load
+            await read_kafka(kafka.bootstrap, topic, leg, leg.seen_all_acked, 150, quiet)
+            await bridge.drained(30)
+            metrics = await bridge.metrics()
+            assert await asyncio.to_thread(bridge.stop) == 0, bridge.tail()
+    finally:
+        if bridge.alive():
+            bridge.kill()
+    return leg, bridge, metrics
+
+
+async def test_r3_kafka_outage_with_the_spool_loses_nothing(
+    livekit_server: LiveKitServer, kafka: Kafka, room_name: str, tmp_path: Path
+) -> None:
+    outage, rate, around = pick(30, 300), pick(100, 50), pick(5, 30)
+    leg, bridge, m = await _outage(
+        "R3",
+        livekit_server,
+        kafka,
+        room_name,
+        tmp_path,
+        "  spool: {max_bytes: 104857600}\n",
+        outage,
+        rate,
+        around,
+    )
+    r = leg.check(
+        fault=f"Kafka stopped {outage:.0f} s (spool)",
+        load=f"{rate:.0f} msg/s, {outage + 2 * around:.0f} s",
+        expected="lost 0; no drops; backlog drained ≤ 60 s after Kafka is back",
+    )
+    dropped = int(m.get("roombus_route_dropped_total", route="up"))
+    r.account("dropped", 0, dropped)
+    drain = r.faults[0].drain_s
+    r.verdict = "pass" if r.lost == 0 and dropped == 0 and drain is not None else "FAIL"
+    r.write()
+    assert r.lost == 0, f"{r.summary()}\nlost: {r.lost_sample}\n{bridge.tail()}"
+    assert dropped == 0, r.summary()
+    assert drain is not None and drain <= 120, r.summary()
+
+
+async def test_r3_kafka_outage_with_a_dropping_buffer_counts_every_drop(
+    livekit_server: LiveKitServer, kafka: Kafka, room_name: str, tmp_path: Path
+) -> None:
+    outage, rate, around = pick(6, 60), 100, 3
+    leg, bridge, m = await _outage(
+        "R3-drop",
+        livekit_server,
+        kafka,
+        room_name,
+        tmp_path,
+        "  queue_size: 300\n  overflow: drop_newest\n",
+        outage,
+        rate,
+        around,
+        quiet=8,
+    )
+    r: Result = leg.check(
+        fault=f"Kafka stopped {outage:.0f} s (queue 300, drop_newest)",
+        load=f"{rate:.0f} msg/s, {outage + 2 * around:.0f} s",
+        expected="lost = dropped{overflow} counter exactly; no duplicates",
+    )
+    dropped = int(m.get("roombus_route_dropped_total", route="up", reason="overflow"))
+    r.account("overflow", r.lost, dropped)
+    r.verdict = "pass" if r.lost == dropped and r.duplicated == 0 and dropped > 0 else "FAIL"
+    r.write()
+    assert dropped > 0, f"the buffer never overflowed: {r.summary()}"
+    assert r.lost == dropped, f"{r.summary()}\n{bridge.tail()}"
+    assert r.duplicated == 0, r.summary()
