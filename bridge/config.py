@@ -919,6 +919,22 @@ class ReplicasSettings(_Model):
         description="Seconds a replica evicted by another owner (DUPLICATE_IDENTITY) waits"
         " before it rejoins, and only if the group still gives it the room",
     )
+    handover_overlap: float = Field(
+        5.0,
+        ge=0,
+        description="Seconds a releasing owner (SIGTERM, or a room assigned elsewhere) keeps"
+        " its bus subscriptions and delivers while the new owner subscribes: no acknowledged"
+        " bus-to-room message is lost, those of the overlap may arrive twice. At most the"
+        " shutdown_timeout and half the handover_timeout (when set); above 2 heartbeat"
+        " intervals for the rebalance to reach the others",
+    )
+
+    def effective_overlap(self, shutdown_timeout: float) -> float:
+        """`handover_overlap`, bounded by the shutdown and the new owners' handover wait."""
+        bound = min(self.handover_overlap, shutdown_timeout)
+        if self.handover_timeout > 0:
+            bound = min(bound, self.handover_timeout / 2)
+        return bound
 
     @model_validator(mode="after")
     def _heartbeat(self) -> ReplicasSettings:

@@ -180,15 +180,18 @@ class Bridge:
         replicas = config.bridge.replicas
         if replicas is not None and membership is not None:
             self.replica = replica_name(replicas.replica_id)
-            self._tracked = TrackedDeliveries(self.room_sink)
+            self._tracked = TrackedDeliveries(self.room_sink, self.counters)
             self.ownership = Ownership(
                 self.replica,
                 self.counters,
                 acquire=self._acquire,
                 release=self._release,
                 present=self._owner_present if self.server_api is not None else None,
+                prepare=self._prepare,
                 handover_timeout=replicas.handover_timeout,
+                handover_overlap=replicas.effective_overlap(settings.shutdown_timeout),
                 evicted_backoff=replicas.evicted_backoff,
+                deliveries=self._tracked,
             )
         self.pumps = [self._pump(s) for s in endpoints.sources]
         self.ready = asyncio.Event()
@@ -282,10 +285,10 @@ class Bridge:
                     await stop.wait()
                     async with self._reload_lock:  # a reload in progress finishes first
                         if self.ownership is not None and self.membership is not None:
-                            # Hand the rooms over drained, then leave the group: the new
-                            # owners join only after that (docs/scaling.md).
-                            await self.ownership.stop()
-                            await self.membership.leave()
+                            # Leave the group (the others take the rooms and subscribe), keep
+                            # delivering for the overlap, then hand the rooms over drained: the
+                            # new owners join after that (docs/scaling.md).
+                            await self.ownership.stop(leave=self.membership.leave)
                         await self._drain()
                     for task in (
                         *self._other_tasks,
@@ -586,7 +589,12 @@ class Bridge:
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
         """Whether the bridge does all its work, and what is down if not."""
-        rooms = sorted(n for n, link in self.links.items() if not link.connected.is_set())
+        # A room waiting for its previous owner to leave (replicas) is not joining yet.
+        rooms = sorted(
+            n
+            for n, link in self.links.items()
+            if not link.connected.is_set() and n in self._room_tasks
+        )
         endpoints = sorted(
             {e.name for e in self.endpoints.ordered() if not getattr(e, "connected", True)}
         )
@@ -630,6 +638,12 @@ class Bridge:
         )
 
     def _join(self, name: str) -> None:
+        self._link(name)
+        if name not in self._room_tasks:
+            self._room_tasks[name] = self._spawn(f"room:{name}", self.links[name].run)
+
+    def _link(self, name: str) -> None:
+        """The room's link, not joined yet: deliveries into it wait for the join."""
         if name in self.links:
             return
         lk = self.config.livekit
@@ -648,7 +662,6 @@ class Bridge:
         )
         self.links[name] = link
         self._events[name] = events
-        self._room_tasks[name] = self._spawn(f"room:{name}", link.run)
 
     async def _discover_rooms(self) -> None:
         lk = self.config.livekit
@@ -676,8 +689,11 @@ class Bridge:
 
     # --------------------------------------------------------------- replicas
 
-    async def _acquire(self, room: str) -> None:
-        """This replica owns `room` now: subscribe to its bus topics, join it."""
+    async def _prepare(self, room: str) -> None:
+        """This replica owns `room` now: subscribe to its bus topics, set up its link.
+
+        Before the previous owner left: what arrives meanwhile waits for the join.
+        """
         filters = self._room_filters.setdefault(room, [])
         for source in self.endpoints.sources:
             subscriber = source.source
@@ -705,6 +721,10 @@ class Bridge:
                 if self._filter_users[key] == 1:
                     subscriber.add_subscription(narrowed, qos)
                 filters.append((subscriber, narrowed))
+        self._link(room)
+
+    async def _acquire(self, room: str) -> None:
+        """Join `room` (after `_prepare` and the handover wait)."""
         self._join(room)
         link = self.links.get(room)
         if link is not None:

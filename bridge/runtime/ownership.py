@@ -6,18 +6,27 @@ consumer-group protocol, `connectors.kafka_group.KafkaMembership` — assigns th
 the live replicas; a replica owns exactly the rooms of its partitions. `Ownership` turns the
 assignment into joins and leaves:
 
-* **acquire** (a room's partition assigned): subscribe to the room's bus topics, wait until the
-  previous owner's participant has left the room (at most ``handover_timeout``: a crashed owner
-  lingers in LiveKit until its session times out, and is then evicted by our join), join.
-* **release** (the partition assigned elsewhere, or the replica stops): unsubscribe, let the
-  deliveries into the room finish, leave the room, flush the room-to-bus buffers.
+* **acquire** (a room's partition assigned): subscribe to the room's bus topics and set up its
+  room link (``prepare``: what arrives meanwhile waits for the join, unacknowledged), wait until
+  the previous owner's participant has left the room (at most ``handover_timeout``: a crashed
+  owner lingers in LiveKit until its session times out, and is then evicted by our join), join.
+* **release** (the partition assigned elsewhere, or the replica stops): keep the subscriptions
+  and keep delivering for ``handover_overlap`` seconds, so the new owner subscribes before this
+  one stops listening; then unsubscribe, let the deliveries into the room finish, leave the
+  room, flush the room-to-bus buffers.
+
+The handover overlaps instead of leaving a gap: a bus message published while both owners
+listen reaches the room twice (once from each), none is lost. A room released before its join
+(it moved on during the handover wait) rejects what it held (``unknown_room``), as a replica
+that does not own the room would.
 
 Kafka's classic protocol (the one aiokafka speaks) is *eager*: every rebalance first revokes
 all partitions of every member. Leaving every room on each revocation would rejoin every room
 of every replica whenever one replica comes or goes, so a revocation only marks the replica as
 rebalancing; rooms are released when the new assignment shows them gone (the sticky assignor
-keeps the others where they are). A leaving replica (SIGTERM) releases all its rooms *before*
-it leaves the group, so its rooms' new owners join only after it drained.
+keeps the others where they are). A leaving replica (SIGTERM) leaves the group first (the
+rebalance gives its rooms to the others, which subscribe), keeps delivering for
+``handover_overlap``, then releases its rooms; their new owners join once it left each room.
 
 The fence is LiveKit's: every replica joins room R with the same identity (``identity``,
 derived from R), so two replicas that briefly both believe they own R cannot both stay; the
@@ -26,7 +35,11 @@ still gives it the room.
 
 Every move is logged and counted: ``ownership.acquired``, ``ownership.released``,
 ``ownership.rebalances``, ``ownership.evicted``, ``ownership.handover_waited``,
-``ownership.handover_timeouts``; ``ownership.rooms`` is the number owned now.
+``ownership.handover_timeouts``; ``ownership.rooms`` is the number owned now. The overlap's
+duplicates are bounded by ``ownership.overlap_delivered`` (deliveries of a releasing owner
+during its overlap) and ``ownership.overlap_held`` (deliveries a new owner received before its
+join); ``ownership.overlap_rooms`` counts the rooms released with an overlap,
+``ownership.overlap_abandoned`` the held deliveries rejected because the room moved on first.
 """
 
 from __future__ import annotations
@@ -45,6 +58,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
 from bridge.envelope import Envelope
+from bridge.errors import RejectedMessage
 from bridge.room.types import Counters
 from bridge.router import RoomDelivery
 from bridge.rules import RouteRules
@@ -90,10 +104,13 @@ class Ownership:
     """The rooms this replica owns, and the moves between replicas (see the module docstring).
 
     Args:
-        acquire: Take room R: subscribe, wait for the previous owner, join. Runs as a task.
+        acquire: Take room R: join it (after `prepare` and the handover wait). Runs in a task.
         release: Give room R up: unsubscribe, finish deliveries, leave, flush. Awaited.
         present: Whether the room's bridge identity is in the room now (server API), for the
             handover wait; None skips the wait.
+        prepare: Before the handover wait: subscribe to R's bus topics, set up its link.
+        handover_overlap: Seconds a released room keeps its subscriptions and deliveries.
+        deliveries: The tracked deliveries (held before a join, counted in an overlap).
     """
 
     def __init__(
@@ -104,15 +121,21 @@ class Ownership:
         acquire: Callable[[str], Awaitable[None]],
         release: Callable[[str], Awaitable[None]],
         present: Callable[[str], Awaitable[bool]] | None = None,
+        prepare: Callable[[str], Awaitable[None]] | None = None,
         handover_timeout: float = 10.0,
+        handover_overlap: float = 0.0,
         evicted_backoff: float = 10.0,
+        deliveries: TrackedDeliveries | None = None,
     ) -> None:
         self.replica = replica
         self.counters = counters
         self._acquire = acquire
         self._release = release
         self._present = present
+        self._prepare = prepare
         self.handover_timeout = handover_timeout
+        self.handover_overlap = handover_overlap
+        self.deliveries = deliveries
         self.evicted_backoff = evicted_backoff
         self.candidates: set[str] = set()  # rooms the configuration selects (seen so far)
         self.partitions: frozenset[int] = frozenset()
@@ -172,11 +195,12 @@ class Ownership:
                 len(gone),
                 len(new),
             )
-            # Release first, before the rebalance completes for us: the new owners wait for
-            # our participant to leave (`handover_timeout`).
-            await asyncio.gather(*(self._give_up(room, "assigned elsewhere") for room in gone))
+            # Acquire first (the subscriptions go out now), then release with the overlap: the
+            # new owners subscribe meanwhile and wait for our participant to leave
+            # (`handover_timeout`).
             for room in new:
                 self._start(room)
+            await asyncio.gather(*(self._give_up(room, "assigned elsewhere") for room in gone))
             self.counters["ownership.rooms"] = len(self.owned)
 
     # ------------------------------------------------------------------ moves
@@ -192,9 +216,15 @@ class Ownership:
     async def _take(self, room: str) -> None:
         started = time.monotonic()
         try:
+            if self.deliveries is not None:
+                self.deliveries.hold(room)
+            if self._prepare is not None:
+                await self._prepare(room)
             await self._await_previous_owner(room)
             if room in self.owned and not self.stopping:
                 await self._acquire(room)
+                if self.deliveries is not None:
+                    self.deliveries.joined(room)
                 self.counters.inc("ownership.acquired")
                 log.info(
                     "ownership: %s: acquired room %s (partition %d) in %.2f s",
@@ -239,25 +269,48 @@ class Ownership:
         started = time.monotonic()
         self.owned.discard(room)
         task = self._acquiring.pop(room, None)
+        overlap = 0.0
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            if self.deliveries is not None:
+                self.deliveries.abandon(room)  # never joined: what it held is rejected
+        elif self.handover_overlap > 0:
+            # Keep listening and delivering while the new owner subscribes (module docstring).
+            overlap = self.handover_overlap
+            self.counters.inc("ownership.overlap_rooms")
+            if self.deliveries is not None:
+                self.deliveries.overlapping.add(room)
+            try:
+                await asyncio.sleep(overlap)
+            finally:
+                if self.deliveries is not None:
+                    self.deliveries.overlapping.discard(room)
         await self._release(room)
+        if self.deliveries is not None:
+            self.deliveries.joined(room)  # unknown from now on (the room sink rejects)
         self.counters.inc("ownership.released")
         log.info(
-            "ownership: %s: released room %s (%s; drained in %.2f s)",
+            "ownership: %s: released room %s (%s; overlap %.1f s, drained in %.2f s)",
             self.replica,
             room,
             why,
-            time.monotonic() - started,
+            overlap,
+            time.monotonic() - started - overlap,
             extra={"room": room},
         )
 
-    async def stop(self) -> None:
-        """Release every room (the replica stops: before it leaves the group)."""
+    async def stop(self, leave: Callable[[], Awaitable[None]] | None = None) -> None:
+        """The replica stops: `leave` the group, then release every room (with the overlap).
+
+        Leaving first lets the rebalance give the rooms to the others while this replica still
+        delivers; each room is released after ``handover_overlap``.
+        """
+        self.stopping = True
+        if leave is not None:
+            await leave()
         async with self._lock:
-            self.stopping = True
             await asyncio.gather(
                 *(self._give_up(room, "replica stopping") for room in sorted(self.owned))
             )
@@ -310,13 +363,34 @@ class RoomDeliveries(Protocol):
 class TrackedDeliveries:
     """`RoomDeliveries` that counts the deliveries in progress per room.
 
-    A released room is left only once what was read for it is delivered.
+    A released room is left only once what was read for it is delivered. A room being acquired
+    (`hold` until `joined`) holds its deliveries until the join; `abandon` rejects them. A room
+    in `overlapping` (released, still delivering) counts its deliveries.
     """
 
-    def __init__(self, inner: RoomDeliveries) -> None:
+    def __init__(self, inner: RoomDeliveries, counters: Counters | None = None) -> None:
         self.inner = inner
+        self.counters = counters if counters is not None else Counters()
         self.in_flight: Counter[str] = Counter()
         self.last: dict[str, float] = {}  # room -> when its last delivery started or ended
+        self.overlapping: set[str] = set()  # released rooms in their handover overlap
+        self._held: dict[str, asyncio.Event] = {}  # room being acquired -> set when abandoned
+
+    def hold(self, room: str) -> None:
+        """`room` is being acquired: its deliveries wait for the join (or `abandon`)."""
+        held = self._held.get(room)
+        if held is None or held.is_set():
+            self._held[room] = asyncio.Event()
+
+    def joined(self, room: str) -> None:
+        """`room` is joined (or released for good): deliveries into it go straight through."""
+        self._held.pop(room, None)
+
+    def abandon(self, room: str) -> None:
+        """`room` is released before its join: what it holds (until `joined`) is rejected."""
+        abandoned = self._held.get(room)
+        if abandoned is not None:
+            abandoned.set()
 
     async def deliver(
         self, route: str, d: RoomDelivery, envelope: Envelope, rules: RouteRules | None = None
@@ -325,12 +399,46 @@ class TrackedDeliveries:
         self.in_flight[d.room] += 1
         self.last[d.room] = time.monotonic()
         try:
-            await self.inner.deliver(route, d, envelope, rules)
+            abandoned = self._held.get(d.room)
+            if abandoned is None:
+                if d.room in self.overlapping:
+                    self.counters.inc("ownership.overlap_delivered")
+                await self.inner.deliver(route, d, envelope, rules)
+            else:
+                self.counters.inc("ownership.overlap_held")
+                await self._deliver_held(abandoned, route, d, envelope, rules)
         finally:
             self.in_flight[d.room] -= 1
             if not self.in_flight[d.room]:
                 del self.in_flight[d.room]
             self.last[d.room] = time.monotonic()
+
+    async def _deliver_held(
+        self,
+        abandoned: asyncio.Event,
+        route: str,
+        d: RoomDelivery,
+        envelope: Envelope,
+        rules: RouteRules | None,
+    ) -> None:
+        delivery = asyncio.ensure_future(self.inner.deliver(route, d, envelope, rules))
+        waiter = asyncio.ensure_future(abandoned.wait())
+        try:
+            await asyncio.wait((delivery, waiter), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            delivery.cancel()
+            raise
+        finally:
+            waiter.cancel()
+        if not delivery.done():
+            delivery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await delivery
+            self.counters.inc("ownership.overlap_abandoned")
+            raise RejectedMessage(
+                "unknown_room", f"room {d.room!r} moved to another replica before this one joined"
+            )
+        delivery.result()
 
     async def quiet(self, room: str, settle: float, within: float) -> bool:
         """Wait until no delivery into `room` is in progress nor started for `settle` s.

@@ -9,9 +9,16 @@ import pytest
 
 from bridge.config import ConfigError, parse_config
 from bridge.envelope import Envelope
+from bridge.errors import RejectedMessage
 from bridge.room.types import Counters
-from bridge.router import ToRoomRoute, compile_routes
-from bridge.runtime.ownership import Ownership, room_identity, room_partition
+from bridge.router import RoomDelivery, ToRoomRoute, compile_routes
+from bridge.rules import RouteRules
+from bridge.runtime.ownership import (
+    Ownership,
+    TrackedDeliveries,
+    room_identity,
+    room_partition,
+)
 from bridge.topics import Target, parse_filter, parse_template
 
 HEAD = """\
@@ -186,4 +193,95 @@ async def test_ownership_moves_on_assignments() -> None:
     assert sorted(e[1:] for e in log) == sorted(owned)
     assert all(e.startswith("-") for e in log)
     assert not await own.evicted(rooms[0])
+    await own.stop()
+
+
+class _Sink:
+    """Deliveries that wait until their room is "joined"."""
+
+    def __init__(self) -> None:
+        self.rooms: dict[str, asyncio.Event] = {}
+        self.got: list[tuple[str, bytes]] = []
+
+    async def deliver(
+        self, route: str, d: RoomDelivery, envelope: Envelope, rules: RouteRules | None = None
+    ) -> None:
+        await self.rooms.setdefault(d.room, asyncio.Event()).wait()
+        self.got.append((d.room, d.payload))
+
+
+def _delivery(room: str, payload: bytes) -> RoomDelivery:
+    return RoomDelivery(room, "data", payload, None, (), {}, None, None, None, None)
+
+
+async def test_handover_overlaps_instead_of_a_gap() -> None:
+    """A new owner subscribes before the handover wait and holds what arrives until its join;
+    a releasing owner keeps its subscriptions for the overlap; a room released before its join
+    rejects what it held."""
+    counters = Counters()
+    sink = _Sink()
+    tracked = TrackedDeliveries(sink, counters)
+    log: list[str] = []
+    present = {"r": True}
+
+    async def prepare(room: str) -> None:
+        log.append(f"subscribe {room}")
+
+    async def acquire(room: str) -> None:
+        log.append(f"join {room}")
+        sink.rooms.setdefault(room, asyncio.Event()).set()
+
+    async def release(room: str) -> None:
+        log.append(f"unsubscribe {room}")
+
+    async def is_present(room: str) -> bool:
+        return present[room]
+
+    own = Ownership(
+        "me",
+        counters,
+        acquire=acquire,
+        release=release,
+        present=is_present,
+        prepare=prepare,
+        handover_timeout=5,
+        handover_overlap=0.2,
+        evicted_backoff=0,
+        deliveries=tracked,
+    )
+    env = Envelope(source="mqtt:bus", topic="t", payload=b"x")
+    await own.add_rooms(["r"])
+    await own.assigned(frozenset({0}), 1)
+    for _ in range(100):
+        if log:
+            break
+        await asyncio.sleep(0.01)
+    assert log == ["subscribe r"]  # subscribed while the previous owner is still in the room
+    held = asyncio.create_task(tracked.deliver("down", _delivery("r", b"1"), env))
+    await asyncio.sleep(0.05)
+    assert not held.done() and counters["ownership.overlap_held"] == 1
+    present["r"] = False  # the previous owner left
+    await asyncio.wait_for(held, 5)
+    assert log == ["subscribe r", "join r"] and sink.got == [("r", b"1")]
+    # Released (assigned elsewhere): deliveries go on during the overlap, then unsubscribe.
+    giving_up = asyncio.create_task(own.assigned(frozenset(), 1))
+    await asyncio.sleep(0.05)
+    assert log[-1] == "join r"
+    await tracked.deliver("down", _delivery("r", b"2"), env)
+    await giving_up
+    assert log[-1] == "unsubscribe r"
+    assert counters["ownership.overlap_delivered"] == 1
+    assert counters["ownership.overlap_rooms"] == 1
+    # Released before its join: what it held is rejected, not left waiting.
+    sink.rooms.clear()
+    present["r"] = True
+    await own.assigned(frozenset({0}), 1)
+    await asyncio.sleep(0.05)
+    held = asyncio.create_task(tracked.deliver("down", _delivery("r", b"3"), env))
+    await asyncio.sleep(0.05)
+    await own.assigned(frozenset(), 1)
+    with pytest.raises(RejectedMessage):
+        await asyncio.wait_for(held, 5)
+    assert counters["ownership.overlap_abandoned"] == 1
+    assert not tracked.in_flight
     await own.stop()
