@@ -357,6 +357,13 @@ class Room:
         self._connection_state = "connecting"
         try:
             session, events = await self._open_session()
+        except SignalClosedError as exc:
+            # The server closed the socket mid-join (e.g. another session with our identity
+            # joined): a failed join like any other, retriable.
+            self._connection_state = "disconnected"
+            raise ConnectError(
+                f"room: signalling closed during the join: {exc}", retriable=True
+            ) from exc
         except BaseException:
             self._connection_state = "disconnected"
             raise
