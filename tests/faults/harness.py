@@ -383,15 +383,27 @@ class RoomPublisher:
     """An official-SDK participant sending packets on `topic`; a send that returned is
     acknowledged, unless it falls in one of the leg's unacknowledged windows (the bridge away)."""
 
-    def __init__(self, room: rtc.Room, leg: Leg, topic: str, reliable: bool = True) -> None:
+    def __init__(
+        self,
+        room: rtc.Room,
+        leg: Leg,
+        topic: str,
+        reliable: bool = True,
+        also: Leg | None = None,
+    ) -> None:
+        """`also`: a second leg checking the same packets on another route (e.g. room → Kafka
+        beside room → MQTT); each packet is recorded as sent, and acknowledged, on both."""
         self.room = room
         self.leg = leg
         self.topic = topic
         self.reliable = reliable
+        self.also = also
         self.failures = 0
 
     async def send(self, key: str, size: int = 0) -> None:
         mid, payload = self.leg.next(key, size)
+        if self.also is not None:
+            self.also.sent[mid] = self.leg.sent[mid]
         try:
             await self.room.local_participant.publish_data(
                 payload, reliable=self.reliable, topic=self.topic
@@ -400,6 +412,8 @@ class RoomPublisher:
             self.failures += 1
             return
         self.leg.ack(mid)
+        if self.also is not None:
+            self.also.ack(mid)
 
 
 class RoomObserver:
@@ -457,6 +471,103 @@ async def bridge_in_room(peer: rtc.Room, timeout: float = 60, not_sid: str = "")
 
     await wait_for(there, timeout, "the bridge to appear in the room")
     return peer.remote_participants["bridge"].sid
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+def shut_down(bridge: BridgeProc, *clients: Closable) -> None:
+    """A scenario's `finally`: close its bus clients (in the order given), then SIGKILL the
+    bridge if it still runs (the scenario failed before stopping it)."""
+    for client in clients:
+        client.close()
+    if bridge.alive():
+        bridge.kill()
+
+
+@dataclass
+class BridgedPeers:
+    """The two official-SDK participants of a two-way scenario: `observer` records what
+    reaches the room, `sender` sends through `publisher` (reliable packets on topic "up")."""
+
+    observer: rtc.Room
+    sender: rtc.Room
+    publisher: RoomPublisher
+
+
+@asynccontextmanager
+async def bridged_peers(
+    server: LiveKitServer,
+    room: str,
+    bridge: BridgeProc,
+    down: Sink,
+    up: Leg,
+    *,
+    also: Leg | None = None,
+    sender_sees_bridge: bool = False,
+) -> AsyncIterator[BridgedPeers]:
+    """The common start of a two-way scenario: an "observer" (recording into `down`) and a
+    "sender" (packets on topic "up", checked on `up` and `also`) join `room`, then `bridge`
+    is started and awaited until ready and in the room as the observer sees it (and as the
+    sender sees it, with `sender_sees_bridge`). Both leave the room on exit."""
+    async with (
+        sdk_room(server, room, "observer") as observer,
+        sdk_room(server, room, "sender") as sender,
+    ):
+        RoomObserver(observer, down)
+        publisher = RoomPublisher(sender, up, "up", also=also)
+        bridge.start()
+        await bridge.wait_ready()
+        await bridge_in_room(observer)
+        if sender_sees_bridge:
+            await bridge_in_room(sender)
+        yield BridgedPeers(observer, sender, publisher)
+
+
+@asynccontextmanager
+async def bridged_sender(
+    server: LiveKitServer, room: str, bridge: BridgeProc, leg: Leg
+) -> AsyncIterator[RoomPublisher]:
+    """The start of a room → bus scenario: a "sender" (reliable packets on topic "up", checked
+    on `leg`) joins `room`, then `bridge` is started and awaited until ready and in the room.
+    The sender leaves the room on exit."""
+    async with sdk_room(server, room, "sender") as sender:
+        publisher = RoomPublisher(sender, leg, "up")
+        bridge.start()
+        await bridge.wait_ready()
+        await bridge_in_room(sender)
+        yield publisher
+
+
+def device_load(publisher: MqttPublisher, topic: str, devices: int) -> Callable[[int], None]:
+    """The MQTT side of a paced load: call `i` publishes as device `d = i % devices` to
+    `topic` (a format string with `{d}`), keyed `d<d>`."""
+
+    def device(i: int) -> None:
+        d = i % devices
+        publisher.publish(topic.format(d=d), f"d{d}")
+
+    return device
+
+
+def room_load(send: Callable[[str], Awaitable[None]]) -> Callable[[int], Awaitable[None]]:
+    """The room side of a paced load: every call sends one packet keyed "sender"."""
+
+    async def room_send(_i: int) -> None:
+        await send("sender")
+
+    return room_send
+
+
+def two_way_load(
+    rate: float,
+    seconds: float,
+    device: Callable[[int], None],
+    room_send: Callable[[int], Awaitable[None]],
+) -> asyncio.Future[tuple[int, int]]:
+    """Both directions paced at `rate` a second for `seconds`, running until awaited."""
+    return asyncio.gather(pace(rate, seconds, device), pace(rate, seconds, room_send))
 
 
 async def create_topic(kafka: Kafka | str, topic: str, partitions: int = 1) -> None:

@@ -33,20 +33,20 @@ from tests.faults.checker import Leg, Result
 from tests.faults.harness import (
     BridgeProc,
     MqttPublisher,
-    RoomObserver,
-    RoomPublisher,
     bridge_head,
-    bridge_in_room,
     bridge_section,
+    bridged_peers,
     create_topic,
+    device_load,
     free_port,
     kafka_section,
     mqtt_section,
-    pace,
     pick,
     read_kafka,
-    sdk_room,
+    room_load,
     settle,
+    shut_down,
+    two_way_load,
     wait_for,
 )
 from tests.services import Kafka, LiveKitServer, Mosquitto
@@ -99,24 +99,13 @@ async def _run(
     stop_times: list[float] = []  # how long each graceful stop took
     sdk_lag: list[float] = []  # how much later the sender's SDK saw the bridge leave
     try:
-        async with (
-            sdk_room(livekit, room, "observer") as observer,
-            sdk_room(livekit, room, "sender") as sender,
-        ):
-            RoomObserver(observer, down)
-            pub = RoomPublisher(sender, up, "up")
-            bridge.start()
-            await bridge.wait_ready()
-            await bridge_in_room(observer)
-
-            def device(i: int) -> None:
-                d = i % DEVICES
-                publisher.publish(f"faults/kill/d{d}", f"d{d}")
-
-            async def room_send(_i: int) -> None:
-                await pub.send("sender")
-
-            loads = asyncio.gather(pace(rate, seconds, device), pace(rate, seconds, room_send))
+        async with bridged_peers(livekit, room, bridge, down, up) as peers:
+            loads = two_way_load(
+                rate,
+                seconds,
+                device_load(publisher, "faults/kill/d{d}", DEVICES),
+                room_load(peers.publisher.send),
+            )
             t0 = time.monotonic()
             every = seconds / (stops + 1)
             rng = random.Random(4)
@@ -129,7 +118,7 @@ async def _run(
                     # The bridge owns what it received until it left the room (a graceful stop
                     # leaves after the bus-to-room drain): the window starts when it left, by
                     # its own log (the peers' SDK hears of it up to ~2 s later).
-                    left = asyncio.create_task(_left(sender))
+                    left = asyncio.create_task(_left(peers.sender))
                     t_stop = time.monotonic()
                     assert await asyncio.to_thread(bridge.stop) == 0, bridge.tail()
                     stop_times.append(round(time.monotonic() - t_stop, 1))
@@ -155,9 +144,7 @@ async def _run(
             await bridge.drained(30)
             assert await asyncio.to_thread(bridge.stop) == 0, bridge.tail()
     finally:
-        publisher.close()
-        if bridge.alive():
-            bridge.kill()
+        shut_down(bridge, publisher)
     load = f"{rate:.0f} msg/s each way, {seconds:.0f} s"
     fault = f"bridge {what} x{stops}, restarted at once" + ("" if spool else " (no spool)")
     if graceful:
@@ -227,48 +214,38 @@ async def test_r4_bridge_sigkills_lose_nothing_acknowledged(
         assert r.duplicated <= kills * window[r.leg], r.summary()
 
 
+@pytest.mark.parametrize(
+    ("scenario", "stops", "seconds", "spool"),
+    [
+        pytest.param("R4-graceful", int(pick(2, 5)), pick(16, 300), True, id="spool"),
+        # The in-memory buffer: a graceful stop publishes what it holds (within the 10 s
+        # shutdown_timeout, plenty at this load), so nothing is lost or duplicated either way.
+        pytest.param("R4-graceful-nospool", int(pick(1, 5)), pick(10, 300), False, id="no-spool"),
+    ],
+)
 async def test_r4_graceful_bridge_restarts_lose_nothing_and_duplicate_nothing(
     livekit_server: LiveKitServer,
     mosquitto: Mosquitto,
     kafka: Kafka,
     room_name: str,
     tmp_path: Path,
+    scenario: str,
+    stops: int,
+    seconds: float,
+    spool: bool,
 ) -> None:
+    """With the spool, and with the in-memory buffer only."""
     results, bridge, stop_times = await _run(
-        "R4-graceful",
+        scenario,
         livekit_server,
         mosquitto,
         kafka,
         room_name,
         tmp_path,
         graceful=True,
-        stops=int(pick(2, 5)),
-        seconds=pick(16, 300),
+        stops=stops,
+        seconds=seconds,
         rate=pick(100, 50),
-    )
-    graceful_verdict(results, bridge, stop_times)
-
-
-async def test_r4_graceful_restarts_without_a_spool_publish_what_the_buffer_holds(
-    livekit_server: LiveKitServer,
-    mosquitto: Mosquitto,
-    kafka: Kafka,
-    room_name: str,
-    tmp_path: Path,
-) -> None:
-    """The in-memory buffer: a graceful stop publishes what it holds (within the 10 s
-    shutdown_timeout, plenty at this load), so nothing is lost or duplicated either way."""
-    results, bridge, stop_times = await _run(
-        "R4-graceful-nospool",
-        livekit_server,
-        mosquitto,
-        kafka,
-        room_name,
-        tmp_path,
-        graceful=True,
-        stops=int(pick(1, 5)),
-        seconds=pick(10, 300),
-        rate=pick(100, 50),
-        spool=False,
+        spool=spool,
     )
     graceful_verdict(results, bridge, stop_times)

@@ -25,17 +25,17 @@ from tests.faults.checker import Leg, Result
 from tests.faults.harness import (
     BridgeProc,
     Metrics,
-    RoomPublisher,
     bridge_head,
-    bridge_in_room,
     bridge_section,
+    bridged_sender,
     create_topic,
     free_port,
     kafka_section,
     pace,
     pick,
     read_kafka,
-    sdk_room,
+    room_load,
+    shut_down,
 )
 from tests.services import Kafka, LiveKitServer
 
@@ -67,16 +67,8 @@ async def _outage(
     )
     bridge = BridgeProc(tmp, config, port)
     try:
-        async with sdk_room(livekit, room, "sender") as sender:
-            pub = RoomPublisher(sender, leg, "up")
-            bridge.start()
-            await bridge.wait_ready()
-            await bridge_in_room(sender)
-
-            async def send(_i: int) -> None:
-                await pub.send("sender")
-
-            load = asyncio.create_task(pace(rate, around * 2 + outage, send))
+        async with bridged_sender(livekit, room, bridge, leg) as pub:
+            load = asyncio.create_task(pace(rate, around * 2 + outage, room_load(pub.send)))
             await asyncio.sleep(around)
             f = leg.fault(f"Kafka down {outage:.0f} s")
             await asyncio.to_thread(kafka.stop)
@@ -89,8 +81,7 @@ async def _outage(
             metrics = await bridge.metrics()
             assert await asyncio.to_thread(bridge.stop) == 0, bridge.tail()
     finally:
-        if bridge.alive():
-            bridge.kill()
+        shut_down(bridge)
     return leg, bridge, metrics
 
 

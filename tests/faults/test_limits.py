@@ -36,6 +36,7 @@ from tests.faults.harness import (
     mqtt_section,
     sdk_room,
     settle,
+    shut_down,
 )
 from tests.services import LiveKitServer, Mosquitto
 
@@ -101,10 +102,7 @@ async def test_r9_size_limits_are_delivered_as_streams_or_rejected_and_counted(
             m = await bridge.metrics()
             assert await asyncio.to_thread(bridge.stop) == 0, bridge.tail()
     finally:
-        for pub in publishers.values():
-            pub.close()
-        if bridge.alive():
-            bridge.kill()
+        shut_down(bridge, *publishers.values())
     too_large = int(m.get("roombus_route_rejected_total", route="reject", reason="too_large"))
     dropped = int(m.get("roombus_route_dropped_total", route="reject"))
     load = f"{len(SIZES)} sizes 15 KiB-1 MiB, each + a sentinel"

@@ -42,6 +42,7 @@ from tests.faults.checker import Leg, Result
 from tests.faults.harness import (
     BridgeProc,
     Dispatch,
+    Metrics,
     MqttCollector,
     MqttPublisher,
     PacketFilter,
@@ -51,13 +52,16 @@ from tests.faults.harness import (
     bridge_in_room,
     bridge_section,
     connect_sdk_room,
+    device_load,
     free_port,
     mqtt_section,
     netem_available,
-    pace,
     pick,
     process_ports,
+    room_load,
     settle,
+    shut_down,
+    two_way_load,
 )
 from tests.services import LiveKitServer, Mosquitto
 
@@ -101,6 +105,14 @@ class Peers:
         RoomObserver(self.observer, self.sink)
         self.sender = await connect_sdk_room(self.livekit, self.room, "sender")
 
+    async def start_bridge(self, bridge: BridgeProc) -> None:
+        """Join both peers, then start `bridge` and wait until it is ready and in the room."""
+        await self.connect()
+        bridge.start()
+        await bridge.wait_ready()
+        assert self.observer is not None
+        await bridge_in_room(self.observer)
+
     async def close(self) -> None:
         for peer in (self.observer, self.sender):
             if peer is not None:
@@ -116,36 +128,57 @@ async def _send(peers: Peers, leg: Leg, reliable: bool) -> None:
     await RoomPublisher(peers.sender, leg, "up", reliable).send("sender")
 
 
+def _r5_setup(
+    scenario: str, livekit: LiveKitServer, mosquitto: Mosquitto, room: str, tmp: Path
+) -> tuple[Leg, Leg, BridgeProc, MqttCollector, MqttPublisher, Peers]:
+    """What both R5 scenarios run on: the two legs (MQTT → room, room → MQTT), the bridge
+    (not started), the room → MQTT collector, the device publisher and the SDK peers (not
+    connected)."""
+    down = Leg(scenario, "mqtt→room")
+    up = Leg(scenario, "room→mqtt")
+    port = free_port()
+    bridge = BridgeProc(tmp, _config(livekit, mosquitto, room, tmp, port), port)
+    collector = MqttCollector(mosquitto.port, "faults/lkup/#", Dispatch(up))
+    publisher = MqttPublisher(mosquitto.port, down)
+    peers = Peers(livekit, room, Dispatch(down))
+    return down, up, bridge, collector, publisher, peers
+
+
+def _r5_loads(
+    rate: float, seconds: float, publisher: MqttPublisher, peers: Peers, up: Leg
+) -> asyncio.Future[tuple[int, int]]:
+    """The R5 load: devices on the reliable MQTT → room route, the sender's reliable packets."""
+
+    async def room_send(_i: int) -> None:
+        await _send(peers, up, True)
+
+    device = device_load(publisher, "faults/lk/rel/d{d}", DEVICES)
+    return two_way_load(rate, seconds, device, room_send)
+
+
+async def _r5_finish(bridge: BridgeProc, publisher: MqttPublisher, down: Leg, up: Leg) -> Metrics:
+    """The end of an R5 scenario once its load ran: every device publish acknowledged, both
+    legs settled, the bridge's counters read (returned), then a graceful stop that exits 0."""
+    await publisher.all_acked(90)
+    await settle([down, up], timeout=60)
+    m = await bridge.metrics()
+    assert await asyncio.to_thread(bridge.stop) == 0, bridge.tail()
+    return m
+
+
 async def test_r5_livekit_server_restart(
     livekit_server: LiveKitServer, mosquitto: Mosquitto, room_name: str, tmp_path: Path
 ) -> None:
-    down = Leg("R5-restart", "mqtt→room")
-    up = Leg("R5-restart", "room→mqtt")
-    port = free_port()
-    bridge = BridgeProc(
-        tmp_path, _config(livekit_server, mosquitto, room_name, tmp_path, port), port
+    down, up, bridge, collector, publisher, peers = _r5_setup(
+        "R5-restart", livekit_server, mosquitto, room_name, tmp_path
     )
-    collector = MqttCollector(mosquitto.port, "faults/lkup/#", Dispatch(up))
-    publisher = MqttPublisher(mosquitto.port, down)
-    peers = Peers(livekit_server, room_name, Dispatch(down))
     rate, seconds = 50, pick(16, 300)
     back = 0.0
     absent_until = 0.0
     try:
         await collector.ready()
-        await peers.connect()
-        bridge.start()
-        await bridge.wait_ready()
-        assert peers.observer is not None
-        await bridge_in_room(peers.observer)
-
-        def device(i: int) -> None:
-            publisher.publish(f"faults/lk/rel/d{i % DEVICES}", f"d{i % DEVICES}")
-
-        async def room_send(_i: int) -> None:
-            await _send(peers, up, True)
-
-        loads = asyncio.gather(pace(rate, seconds, device), pace(rate, seconds, room_send))
+        await peers.start_bridge(bridge)
+        loads = _r5_loads(rate, seconds, publisher, peers, up)
         await asyncio.sleep(seconds / 3)
         f1, f2 = down.fault("livekit-server restart"), up.fault("livekit-server restart")
         gone = time.time()
@@ -176,16 +209,10 @@ async def test_r5_livekit_server_restart(
             # The bridge delivered what it held before the observer was back: LiveKit's.
             down.unacked_window(gone - GREY, absent_until)
         await loads
-        await publisher.all_acked(90)
-        await settle([down, up], timeout=60)
-        m = await bridge.metrics()
-        assert await asyncio.to_thread(bridge.stop) == 0, bridge.tail()
+        m = await _r5_finish(bridge, publisher, down, up)
     finally:
-        publisher.close()
-        collector.close()
         await peers.close()
-        if bridge.alive():
-            bridge.kill()
+        shut_down(bridge, publisher, collector)
     took = m.get("roombus_route_received_total", route="rel")
     gave = m.get("roombus_route_delivered_total", route="rel")
     expired = m.get("roombus_route_expired_total", route="rel")
@@ -222,36 +249,20 @@ async def test_r5_livekit_server_restart(
 async def test_r5_webrtc_flap_of_10_s_loses_nothing_acknowledged(
     livekit_server: LiveKitServer, mosquitto: Mosquitto, room_name: str, tmp_path: Path
 ) -> None:
-    down = Leg("R5-flap", "mqtt→room")
-    up = Leg("R5-flap", "room→mqtt")
-    port = free_port()
-    bridge = BridgeProc(
-        tmp_path, _config(livekit_server, mosquitto, room_name, tmp_path, port), port
+    down, up, bridge, collector, publisher, peers = _r5_setup(
+        "R5-flap", livekit_server, mosquitto, room_name, tmp_path
     )
-    collector = MqttCollector(mosquitto.port, "faults/lkup/#", Dispatch(up))
-    publisher = MqttPublisher(mosquitto.port, down)
-    peers = Peers(livekit_server, room_name, Dispatch(down))
     rules = PacketFilter()
     rate, seconds, flap = 50, pick(20, 300), 10.0
     try:
         await collector.ready()
-        await peers.connect()
-        bridge.start()
-        await bridge.wait_ready()
-        assert peers.observer is not None
-        await bridge_in_room(peers.observer)
+        await peers.start_bridge(bridge)
         m0 = await bridge.metrics()
-
-        def device(i: int) -> None:
-            publisher.publish(f"faults/lk/rel/d{i % DEVICES}", f"d{i % DEVICES}")
-
-        async def room_send(_i: int) -> None:
-            await _send(peers, up, True)
-
-        loads = asyncio.gather(pace(rate, seconds, device), pace(rate, seconds, room_send))
+        loads = _r5_loads(rate, seconds, publisher, peers, up)
         await asyncio.sleep(5)
         udp = process_ports(bridge.pid, "udp")
-        tcp = [p for p in process_ports(bridge.pid, "tcp") if p not in (port, mosquitto.port)]
+        own = (bridge.http_port, mosquitto.port)
+        tcp = [p for p in process_ports(bridge.pid, "tcp") if p not in own]
         assert udp, "found no UDP socket of the bridge"
         f1, f2 = down.fault("WebRTC flap 10 s"), up.fault("WebRTC flap 10 s")
         gone = time.time()
@@ -264,17 +275,11 @@ async def test_r5_webrtc_flap_of_10_s_loses_nothing_acknowledged(
         await bridge.wait_ready(60)
         up.unacked_window(gone - GREY, time.time() + GREY)
         await loads
-        await publisher.all_acked(90)
-        await settle([down, up], timeout=60)
-        m = await bridge.metrics()
-        assert await asyncio.to_thread(bridge.stop) == 0, bridge.tail()
+        m = await _r5_finish(bridge, publisher, down, up)
     finally:
         rules.clear()
-        publisher.close()
-        collector.close()
         await peers.close()
-        if bridge.alive():
-            bridge.kill()
+        shut_down(bridge, publisher, collector)
     lost_sessions = m.get("roombus_room_losses_total") - m0.get("roombus_room_losses_total")
     results = []
     for leg in (down, up):
@@ -320,11 +325,8 @@ async def test_r7_webrtc_packet_loss_reliable_loses_nothing(
     notes = [] if netem_available() else ["netem not in this kernel: loss by iptables statistic"]
     try:
         await collector.ready()
-        await peers.connect()
-        bridge.start()
-        await bridge.wait_ready()
-        assert peers.observer is not None and peers.sender is not None
-        await bridge_in_room(peers.observer)
+        await peers.start_bridge(bridge)
+        assert peers.sender is not None
         for p in levels:
             rel_leg, lossy_leg = legs[(p, "mqtt→room reliable")], legs[(p, "mqtt→room lossy")]
             publishers["rel"].leg, publishers["lossy"].leg = rel_leg, lossy_leg
@@ -334,23 +336,11 @@ async def test_r7_webrtc_packet_loss_reliable_loses_nothing(
             marks = [leg.fault(f"{p:.0%} loss") for (q, _), leg in legs.items() if q == p]
             await asyncio.to_thread(rules.loss, udp, p)
 
-            def rel(i: int) -> None:
-                publishers["rel"].publish(f"faults/lk/rel/d{i % DEVICES}", f"d{i % DEVICES}")
-
-            def lossy(i: int) -> None:
-                publishers["lossy"].publish(f"faults/lk/lossy/d{i % DEVICES}", f"d{i % DEVICES}")
-
-            async def send_rel(_i: int, pub: RoomPublisher = up_rel) -> None:
-                await pub.send("sender")
-
-            async def send_lossy(_i: int, pub: RoomPublisher = up_lossy) -> None:
-                await pub.send("sender")
-
+            rel = device_load(publishers["rel"], "faults/lk/rel/d{d}", DEVICES)
+            lossy = device_load(publishers["lossy"], "faults/lk/lossy/d{d}", DEVICES)
             await asyncio.gather(
-                pace(rate, seconds, rel),
-                pace(rate, seconds, lossy),
-                pace(rate, seconds, send_rel),
-                pace(rate, seconds, send_lossy),
+                two_way_load(rate, seconds, rel, room_load(up_rel.send)),
+                two_way_load(rate, seconds, lossy, room_load(up_lossy.send)),
             )
             await asyncio.to_thread(rules.clear)
             for mark in marks:
@@ -363,12 +353,8 @@ async def test_r7_webrtc_packet_loss_reliable_loses_nothing(
         assert await asyncio.to_thread(bridge.stop) == 0, bridge.tail()
     finally:
         rules.clear()
-        for pub in publishers.values():
-            pub.close()
-        collector.close()
         await peers.close()
-        if bridge.alive():
-            bridge.kill()
+        shut_down(bridge, *publishers.values(), collector)
     results = []
     for (p, kind), leg in legs.items():
         r = leg.check(

@@ -30,16 +30,16 @@ from tests.faults.harness import (
     Metrics,
     MqttCollector,
     MqttPublisher,
-    RoomObserver,
-    RoomPublisher,
     bridge_head,
-    bridge_in_room,
     bridge_section,
+    bridged_peers,
+    device_load,
     free_port,
-    pace,
     pick,
-    sdk_room,
+    room_load,
     settle,
+    shut_down,
+    two_way_load,
 )
 from tests.services import LiveKitServer, Mosquitto
 
@@ -82,25 +82,13 @@ async def _both_ways(
     publisher = MqttPublisher(mosquitto.port, down)
     try:
         await collector.ready()
-        async with (
-            sdk_room(livekit, room, "observer") as observer,
-            sdk_room(livekit, room, "sender") as sender,
-        ):
-            RoomObserver(observer, down)
-            room_pub = RoomPublisher(sender, up, "up")
-            bridge.start()
-            await bridge.wait_ready()
-            await bridge_in_room(observer)
-            await bridge_in_room(sender)
-
-            def device(i: int) -> None:
-                d = i % DEVICES
-                publisher.publish(f"faults/dev/d{d}/t", f"d{d}")
-
-            async def room_send(_i: int) -> None:
-                await room_pub.send("sender")
-
-            loads = asyncio.gather(pace(rate, seconds, device), pace(rate, seconds, room_send))
+        async with bridged_peers(livekit, room, bridge, down, up, sender_sees_bridge=True) as peers:
+            loads = two_way_load(
+                rate,
+                seconds,
+                device_load(publisher, "faults/dev/d{d}/t", DEVICES),
+                room_load(peers.publisher.send),
+            )
             await fault(down, up)
             await loads
             await publisher.all_acked(90)
@@ -109,11 +97,33 @@ async def _both_ways(
             metrics = await bridge.metrics()
             assert await asyncio.to_thread(bridge.stop) == 0, bridge.tail()
     finally:
-        publisher.close()
-        collector.close()
-        if bridge.alive():
-            bridge.kill()
+        shut_down(bridge, publisher, collector)
     return down, up, bridge, metrics
+
+
+def _broker_outages(
+    mosquitto: Mosquitto,
+    take_down: Callable[[], None],
+    times: int,
+    every: float,
+    label: str,
+    away: float,
+) -> Callable[[Leg, Leg], Awaitable[None]]:
+    """The fault of R1 and R2: `times` times, `every` seconds apart from the start, mark a fault
+    "<label> <n>" on both legs, take the broker down with `take_down` (`mosquitto.stop` or
+    `.kill`) and start it again `away` seconds later."""
+
+    async def outages(down: Leg, up: Leg) -> None:
+        t0 = time.monotonic()
+        for n in range(times):
+            await asyncio.sleep(max(0.0, t0 + every * (n + 1) - time.monotonic()))
+            f1, f2 = down.fault(f"{label} {n + 1}"), up.fault(f"{label} {n + 1}")
+            await asyncio.to_thread(take_down)
+            await asyncio.sleep(away)
+            await asyncio.to_thread(mosquitto.start)
+            f1.end = f2.end = time.time()
+
+    return outages
 
 
 async def test_r1_mqtt_broker_graceful_restarts_lose_nothing_either_way(
@@ -121,16 +131,8 @@ async def test_r1_mqtt_broker_graceful_restarts_lose_nothing_either_way(
 ) -> None:
     seconds, rate, restarts, down_s = pick(24, 300), pick(100, 50), 3, 2.0
     every = seconds / (restarts + 1)
-
-    async def restart_3x(down: Leg, up: Leg) -> None:
-        t0 = time.monotonic()
-        for n in range(restarts):
-            await asyncio.sleep(max(0.0, t0 + every * (n + 1) - time.monotonic()))
-            f1, f2 = down.fault(f"restart {n + 1}"), up.fault(f"restart {n + 1}")
-            await asyncio.to_thread(mosquitto.stop)  # SIGTERM: Mosquitto saves its database
-            await asyncio.sleep(down_s)
-            await asyncio.to_thread(mosquitto.start)
-            f1.end = f2.end = time.time()
+    # SIGTERM: Mosquitto saves its database.
+    restart_3x = _broker_outages(mosquitto, mosquitto.stop, restarts, every, "restart", down_s)
 
     down, up, bridge, _ = await _both_ways(
         "R1", livekit_server, mosquitto, room_name, tmp_path, restart_3x, seconds, rate
@@ -155,16 +157,7 @@ async def test_r2_mqtt_broker_kill_loses_nothing_the_bridge_received(
 ) -> None:
     seconds, rate, kills = pick(16, 300), pick(100, 50), 2
     every = seconds / (kills + 1)
-
-    async def kill_2x(down: Leg, up: Leg) -> None:
-        t0 = time.monotonic()
-        for n in range(kills):
-            await asyncio.sleep(max(0.0, t0 + every * (n + 1) - time.monotonic()))
-            f1, f2 = down.fault(f"kill {n + 1}"), up.fault(f"kill {n + 1}")
-            await asyncio.to_thread(mosquitto.kill)
-            await asyncio.sleep(1)
-            await asyncio.to_thread(mosquitto.start)
-            f1.end = f2.end = time.time()
+    kill_2x = _broker_outages(mosquitto, mosquitto.kill, kills, every, "kill", 1)
 
     down, up, bridge, m = await _both_ways(
         "R2", livekit_server, mosquitto, room_name, tmp_path, kill_2x, seconds, rate

@@ -33,20 +33,22 @@ from tests.faults.harness import (
     MqttCollector,
     MqttPublisher,
     ProxiedKafka,
-    RoomObserver,
-    RoomPublisher,
     bridge_head,
-    bridge_in_room,
     bridge_section,
+    bridged_peers,
+    bridged_sender,
     create_topic,
+    device_load,
     free_port,
     kafka_section,
     mqtt_section,
     pace,
     pick,
     read_kafka,
-    sdk_room,
+    room_load,
     settle,
+    shut_down,
+    two_way_load,
 )
 from tests.faults.proxy import FaultProxy
 from tests.services import LiveKitServer, Mosquitto
@@ -147,24 +149,13 @@ async def test_r6_mqtt_connection_faults_lose_nothing_either_way(
     seconds = sum(s + GAP for _, s, _ in faults_plan(proxy)) + 4
     try:
         await collector.ready()
-        async with (
-            sdk_room(livekit_server, room_name, "observer") as observer,
-            sdk_room(livekit_server, room_name, "sender") as sender,
-        ):
-            RoomObserver(observer, down)
-            pub = RoomPublisher(sender, up, "up")
-            bridge.start()
-            await bridge.wait_ready()
-            await bridge_in_room(observer)
-
-            def device(i: int) -> None:
-                d = i % DEVICES
-                publisher.publish(f"faults/net/d{d}", f"d{d}")
-
-            async def room_send(_i: int) -> None:
-                await pub.send("sender")
-
-            loads = asyncio.gather(pace(rate, seconds, device), pace(rate, seconds, room_send))
+        async with bridged_peers(livekit_server, room_name, bridge, down, up) as peers:
+            loads = two_way_load(
+                rate,
+                seconds,
+                device_load(publisher, "faults/net/d{d}", DEVICES),
+                room_load(peers.publisher.send),
+            )
             await asyncio.sleep(2)
             await run_faults(proxy, [down, up])
             await loads
@@ -173,10 +164,7 @@ async def test_r6_mqtt_connection_faults_lose_nothing_either_way(
             await bridge.drained(30)
             assert await asyncio.to_thread(bridge.stop) == 0, bridge.tail()
     finally:
-        publisher.close()
-        collector.close()
-        if bridge.alive():
-            bridge.kill()
+        shut_down(bridge, publisher, collector)
         await proxy.close()
     results = []
     for leg in (down, up):
@@ -214,16 +202,8 @@ async def test_r6_kafka_connection_faults_lose_nothing(
     seconds = sum(s + GAP for _, s, _ in faults_plan(proxy)) + 4
     try:
         await create_topic(bootstrap, topic)
-        async with sdk_room(livekit_server, room_name, "sender") as sender:
-            pub = RoomPublisher(sender, leg, "up")
-            bridge.start()
-            await bridge.wait_ready()
-            await bridge_in_room(sender)
-
-            async def room_send(_i: int) -> None:
-                await pub.send("sender")
-
-            load = asyncio.create_task(pace(rate, seconds, room_send))
+        async with bridged_sender(livekit_server, room_name, bridge, leg) as pub:
+            load = asyncio.create_task(pace(rate, seconds, room_load(pub.send)))
             await asyncio.sleep(2)
             await run_faults(proxy, [leg])
             await load
@@ -231,8 +211,7 @@ async def test_r6_kafka_connection_faults_lose_nothing(
             await bridge.drained(30)
             assert await asyncio.to_thread(bridge.stop) == 0, bridge.tail()
     finally:
-        if bridge.alive():
-            bridge.kill()
+        shut_down(bridge)
         await proxy.close()
     r = leg.check(
         fault="TCP proxy: down, latency, 64 KB/s, blackhole, reset, sliced",

@@ -30,20 +30,21 @@ from tests.faults.harness import (
     MqttCollector,
     MqttPublisher,
     ProxiedKafka,
-    RoomObserver,
     bridge_head,
-    bridge_in_room,
     bridge_section,
+    bridged_peers,
     create_topic,
+    device_load,
     free_port,
     kafka_section,
     mqtt_section,
-    pace,
     pick,
     read_kafka,
+    room_load,
     rss_mb,
-    sdk_room,
     settle,
+    shut_down,
+    two_way_load,
 )
 from tests.faults.proxy import FaultProxy
 from tests.services import LiveKitServer, Mosquitto
@@ -124,28 +125,7 @@ async def test_r8_slow_consumers_slow_only_themselves(
         await create_topic(bootstrap, topic)
         await fast.ready()
         await slow_sub.ready()
-        async with (
-            sdk_room(livekit_server, room_name, "observer") as observer,
-            sdk_room(livekit_server, room_name, "sender") as sender,
-        ):
-            RoomObserver(observer, down)
-            bridge.start()
-            await bridge.wait_ready()
-            await bridge_in_room(observer)
-
-            def device(i: int) -> None:
-                publisher.publish(f"faults/slow/d{i % DEVICES}", f"d{i % DEVICES}")
-
-            async def room_send(_i: int) -> None:
-                mid, payload = up.next("sender")
-                upk.sent[mid] = up.sent[mid]
-                try:
-                    await sender.local_participant.publish_data(payload, reliable=True, topic="up")
-                except Exception:  # noqa: BLE001  # not acknowledged
-                    return
-                up.ack(mid)
-                upk.ack(mid)
-
+        async with bridged_peers(livekit_server, room_name, bridge, down, up, also=upk) as peers:
             stop = asyncio.Event()
 
             async def sample() -> None:
@@ -154,7 +134,12 @@ async def test_r8_slow_consumers_slow_only_themselves(
                     await asyncio.sleep(0.5)
 
             sampler = asyncio.create_task(sample())
-            loads = asyncio.gather(pace(rate, seconds, device), pace(rate, seconds, room_send))
+            loads = two_way_load(
+                rate,
+                seconds,
+                device_load(publisher, "faults/slow/d{d}", DEVICES),
+                room_load(peers.publisher.send),
+            )
             await asyncio.sleep(around)
             before = max(rss)
             mark = upk.fault(f"Kafka at ~{2 * 1024} B/s")
@@ -172,11 +157,7 @@ async def test_r8_slow_consumers_slow_only_themselves(
             m = await bridge.metrics()
             assert await asyncio.to_thread(bridge.stop) == 0, bridge.tail()
     finally:
-        publisher.close()
-        fast.close()
-        slow_sub.close()
-        if bridge.alive():
-            bridge.kill()
+        shut_down(bridge, publisher, fast, slow_sub)
         await proxy.close()
         slow_peer.terminate()
     out, _ = slow_peer.communicate(timeout=30)

@@ -28,18 +28,20 @@ from tests.faults.harness import (
     MqttCollector,
     MqttPublisher,
     bridge_head,
-    bridge_in_room,
     bridge_section,
+    bridged_peers,
     create_topic,
+    device_load,
     free_port,
     kafka_section,
     mqtt_section,
-    pace,
     proc_counts,
     read_kafka,
+    room_load,
     rss_mb,
-    sdk_room,
     settle,
+    shut_down,
+    two_way_load,
 )
 from tests.services import Kafka, LiveKitServer, Mosquitto
 
@@ -89,27 +91,7 @@ async def test_r11_soak(
     rng = random.Random(11)
     try:
         await collector.ready()
-        async with (
-            sdk_room(livekit_server, room_name, "observer") as observer,
-            sdk_room(livekit_server, room_name, "sender") as sender,
-        ):
-            observer.on("data_received", lambda p: down.deliver(p.data))
-            bridge.start()
-            await bridge.wait_ready()
-            await bridge_in_room(observer)
-
-            def device(i: int) -> None:
-                publisher.publish(f"faults/soak/d{i % DEVICES}", f"d{i % DEVICES}")
-
-            async def room_send(_i: int) -> None:
-                mid, payload = up.next("sender")
-                upk.sent[mid] = up.sent[mid]
-                try:
-                    await sender.local_participant.publish_data(payload, reliable=True, topic="up")
-                except Exception:  # noqa: BLE001  # not acknowledged
-                    return
-                up.ack(mid)
-                upk.ack(mid)
+        async with bridged_peers(livekit_server, room_name, bridge, down, up, also=upk) as peers:
 
             async def fault(n: int) -> None:
                 kind = rng.choice(["mosquitto restart", "kafka restart", "bridge SIGKILL"])
@@ -156,19 +138,16 @@ async def test_r11_soak(
                     if with_faults and n * window < seconds - 60:
                         await fault(n)
 
-            await asyncio.gather(
-                pace(rate, seconds, device), pace(rate, seconds, room_send), windows()
-            )
+            device = device_load(publisher, "faults/soak/d{d}", DEVICES)
+            loads = two_way_load(rate, seconds, device, room_load(peers.publisher.send))
+            await asyncio.gather(loads, windows())
             await publisher.all_acked(90)
             await settle([down, up], timeout=90)
             await read_kafka(kafka.bootstrap, topic, upk, upk.seen_all_acked, 120)
             await bridge.drained(60)
             assert await asyncio.to_thread(bridge.stop) == 0, bridge.tail()
     finally:
-        publisher.close()
-        collector.close()
-        if bridge.alive():
-            bridge.kill()
+        shut_down(bridge, publisher, collector)
     load = f"{rate} msg/s each way, {seconds / 60:.1f} min"
     results = []
     for leg in (down, up, upk):

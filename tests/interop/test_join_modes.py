@@ -18,7 +18,7 @@ import asyncio
 import hashlib
 import random
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,24 @@ async def _meet(ours: Room, sdk: rtc.Room, sdk_identity: str = "sdk") -> None:
     await eventually(lambda: "ours" in sdk.remote_participants, what="the SDK sees us")
 
 
+@asynccontextmanager
+async def _ours_and_sdk(
+    server: LiveKitServer, room: str, options: RoomOptions, *, sdk_first: bool = False
+) -> AsyncIterator[tuple[Room, rtc.Room]]:
+    """Our participant "ours" (with `options`) and an SDK peer "sdk" in `room`, yielded once
+    each sees the other; `sdk_first`: the SDK peer joins before ours. Both leave on exit."""
+    async with AsyncExitStack() as stack:
+
+        async def join_sdk() -> rtc.Room:
+            return await stack.enter_async_context(sdk_peer(server, room, "sdk"))
+
+        early = await join_sdk() if sdk_first else None
+        ours = await stack.enter_async_context(our_peer(server, room, "ours", options=options))
+        sdk = early if early is not None else await join_sdk()
+        await _meet(ours, sdk)
+        yield ours, sdk
+
+
 # --------------------------------------------------------------------------- join and leave
 
 
@@ -145,12 +163,8 @@ async def test_the_v1_join_request_carries_our_client_claims(
 async def test_reliable_packets_both_ways_in_order(
     livekit_server: LiveKitServer, room_name: str, single: bool
 ) -> None:
-    async with (
-        our_peer(livekit_server, room_name, "ours", options=_options(single)) as ours,
-        sdk_peer(livekit_server, room_name, "sdk") as sdk,
-    ):
+    async with _ours_and_sdk(livekit_server, room_name, _options(single)) as (ours, sdk):
         got = _collect(sdk)
-        await _meet(ours, sdk)
         async with ours.events(DataReceived) as events:
             for i in range(200):
                 await ours.local_participant.publish_data(f"m{i}".encode(), topic="down")
@@ -170,12 +184,8 @@ async def test_reliable_packets_both_ways_in_order(
 async def test_lossy_packets_both_ways(
     livekit_server: LiveKitServer, room_name: str, single: bool
 ) -> None:
-    async with (
-        our_peer(livekit_server, room_name, "ours", options=_options(single)) as ours,
-        sdk_peer(livekit_server, room_name, "sdk") as sdk,
-    ):
+    async with _ours_and_sdk(livekit_server, room_name, _options(single)) as (ours, sdk):
         got = _collect(sdk)
-        await _meet(ours, sdk)
         async with ours.events(DataReceived) as events:
             for i in range(20):
                 await ours.local_participant.publish_data(f"l{i}".encode(), reliable=False)
@@ -228,15 +238,11 @@ async def test_text_and_byte_streams_both_ways(
     collectors = [Collector() for _ in range(4)]
     sdk_texts, sdk_bytes, our_texts, our_bytes = collectors
     try:
-        async with (
-            our_peer(livekit_server, room_name, "ours", options=_options(single)) as ours,
-            sdk_peer(livekit_server, room_name, "sdk") as sdk,
-        ):
+        async with _ours_and_sdk(livekit_server, room_name, _options(single)) as (ours, sdk):
             sdk.register_text_stream_handler("t", sdk_texts)
             sdk.register_byte_stream_handler("b", sdk_bytes)
             ours.register_text_stream_handler("t", our_texts)
             ours.register_byte_stream_handler("b", our_bytes)
-            await _meet(ours, sdk)
             await ours.local_participant.send_text(text, topic="t")
             await ours.local_participant.send_bytes(blob, topic="b", name="blob.bin")
             await sdk.local_participant.send_text(text, topic="t")
@@ -265,13 +271,11 @@ async def test_rpc_both_ways_and_from_the_server(
         return data.payload[::-1]
 
     async with (
-        our_peer(livekit_server, room_name, "ours", options=_options(single)) as ours,
-        sdk_peer(livekit_server, room_name, "sdk") as sdk,
+        _ours_and_sdk(livekit_server, room_name, _options(single)) as (ours, sdk),
         ServerApi(livekit_server.url, livekit_server.api_key, livekit_server.api_secret) as api,
     ):
         sdk.local_participant.register_rpc_method("reverse", lambda d: d.payload[::-1])
         ours.local_participant.register_rpc_method("reverse", our_reverse)
-        await _meet(ours, sdk)
         big = "".join(random.Random(9).choices("xyzé", k=20_000))  # over one packet: a stream
         to_sdk, to_ours = await asyncio.gather(
             ours.local_participant.perform_rpc(
@@ -294,13 +298,12 @@ async def test_awaited_deliveries_reach_the_sdk_peer_even_if_we_go_silent(
 ) -> None:
     """A resolved `Delivery` means the server's SCTP stack acknowledged the packet: once all
     resolved, nothing more leaves our participant, and the SDK peer still gets every one."""
-    async with (
-        sdk_peer(livekit_server, room_name, "sdk") as sdk,
-        our_peer(livekit_server, room_name, "ours", options=_options(single)) as ours,
+    async with _ours_and_sdk(livekit_server, room_name, _options(single), sdk_first=True) as (
+        ours,
+        sdk,
     ):
         got: list[bytes] = []
         sdk.on("data_received", lambda packet: got.append(packet.data))
-        await _meet(ours, sdk)
         # Traffic the other way shares the association in single mode: it must not confuse
         # the acknowledgement bookkeeping of ours.
         echo = asyncio.ensure_future(_chatter(sdk, 100))
@@ -325,12 +328,8 @@ async def test_a_lost_session_fails_pending_deliveries_and_rejoins_in_the_same_m
     livekit_server: LiveKitServer, room_name: str, single: bool
 ) -> None:
     options = _options(single, reconnect_initial_delay=0.2, reconnect_max_delay=2.0)
-    async with (
-        sdk_peer(livekit_server, room_name, "sdk") as sdk,
-        our_peer(livekit_server, room_name, "ours", options=options) as ours,
-    ):
+    async with _ours_and_sdk(livekit_server, room_name, options, sdk_first=True) as (ours, sdk):
         got = _collect(sdk)
-        await _meet(ours, sdk)
         first_sid = ours.local_participant.sid
         _cut_outgoing(ours)  # in flight, never acknowledged
         pending = [
@@ -394,11 +393,7 @@ async def test_a_media_subscription_in_single_mode_is_declined_and_data_keeps_fl
     decline; the session stays up. (Our default, auto_subscribe off, never gets there: this
     test turns it on to make the server ask.)"""
     options = _options(True, auto_subscribe=True)
-    async with (
-        our_peer(livekit_server, room_name, "ours", options=options) as ours,
-        sdk_peer(livekit_server, room_name, "sdk") as sdk,
-    ):
-        await _meet(ours, sdk)
+    async with _ours_and_sdk(livekit_server, room_name, options) as (ours, sdk):
         source = rtc.AudioSource(48_000, 1)
         track = rtc.LocalAudioTrack.create_audio_track("mic", source)
         publish = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)

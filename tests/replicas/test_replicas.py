@@ -32,14 +32,12 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from aiokafka import AIOKafkaConsumer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.structs import TopicPartition
 from livekit import rtc
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from bridge.room.server_api import ServerApi
-from tests.conftest import make_token
+from bridge.runtime.ownership import room_partition
+from tests.replicas.helpers import join_room_peers, read_up, tear_down, up_topic_reader
 from tests.services import Kafka, LiveKitServer, Mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,12 +112,35 @@ class Cluster:
             ]
         return out
 
+    async def taken_over(self, rooms: list[str], gone: str, since: float) -> dict[str, float]:
+        """Seconds from `since` (monotonic) until each of `rooms` has one bridge participant
+        other than `gone`, polled every 0.25 s for at most TAKEOVER_BOUND + 30 s (a room not
+        taken over by then is missing)."""
+        taken: dict[str, float] = {}
+        while len(taken) < len(rooms) and time.monotonic() - since < TAKEOVER_BOUND + 30:
+            now = await self.owners()
+            for room in rooms:
+                if room not in taken and len(now[room]) == 1 and now[room][0] != gone:
+                    taken[room] = round(time.monotonic() - since, 2)
+            await asyncio.sleep(0.25)
+        return taken
+
     async def wait_owned(self, timeout: float, exclude: str | None = None) -> dict[str, str]:
-        """Wait until every room has exactly one bridge participant (not of `exclude`)."""
+        """Wait until every room has exactly one bridge participant (not of `exclude`): the
+        live replica its partition is assigned to, each live replica with rooms.
+
+        During a handover overlap the old owner is still the only participant; the logged
+        assignments tell that the room is moving.
+        """
         deadline = time.monotonic() + timeout
         while True:
             owners = await self.owners()
-            if all(len(o) == 1 and o[0] != exclude for o in owners.values()):
+            alive = {r.name for r in self.replicas if r.alive() and r.name != exclude}
+            expected = assigned_owners(self.replicas, self.rooms, alive)
+            if set(expected.values()) == alive and all(
+                len(o) == 1 and o[0] != exclude and expected.get(room) == o[0]
+                for room, o in owners.items()
+            ):
                 return {room: o[0] for room, o in owners.items()}
             if time.monotonic() > deadline:
                 raise AssertionError(f"rooms not owned once after {timeout:.0f} s: {owners}")
@@ -256,15 +277,7 @@ async def cluster(
     tag = uuid.uuid4().hex[:6]
     tmp = tmp_path_factory.mktemp("replicas")
     rooms = [f"rp-{tag}-{i}" for i in range(ROOMS)]
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(f"up-{tag}", 1, 1)])
-    finally:
-        await admin.close()
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, auto_offset_reset="earliest")
-    await consumer.start()
-    consumer.assign([TopicPartition(f"up-{tag}", 0)])
+    consumer = await up_topic_reader(kafka, tag)
     replicas = []
     for i in range(REPLICAS):
         name = f"r{i}"
@@ -281,56 +294,15 @@ async def cluster(
     client.loop_start()
     c.mqtt = client
 
-    async def read_up() -> None:
-        while True:
-            batch = await consumer.getmany(timeout_ms=500)
-            for records in batch.values():
-                for r in records:
-                    c.up.append(
-                        (r.key.decode() if r.key else "", r.value.decode() if r.value else "")
-                    )
-
-    reader = asyncio.create_task(read_up())
+    reader = asyncio.create_task(read_up(consumer, c.up))
     try:
-        for room in rooms:
-            peer = rtc.Room()
-            got = c.down.setdefault(room, [])
-
-            def on_data(packet: rtc.DataPacket, got: list[str] = got) -> None:
-                if packet.topic == "down":
-                    got.append(packet.data.decode())
-
-            peer.on("data_received", on_data)
-            await peer.connect(livekit_server.url, make_token(livekit_server, room, f"peer-{room}"))
-            c.peers[room] = peer
+        await join_room_peers(livekit_server, rooms, c.down, c.peers)
         for replica in replicas:
             replica.start()
         yield c
     finally:
         c.save()
-        for replica in replicas:
-            if replica.alive():
-                replica.signal(signal.SIGTERM)
-        for replica in replicas:
-            if replica.proc is not None:
-                with contextlib.suppress(Exception):
-                    await replica.wait(60)
-                if replica.alive():
-                    replica.signal(signal.SIGKILL)
-        for peer in c.peers.values():
-            await peer.disconnect()
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
-        await consumer.stop()
-        client.loop_stop()
-        client.disconnect()
-        await api.aclose()
-        for replica in replicas:
-            print(
-                f"----- {replica.name} (last lines)\n"
-                + "\n".join(replica.text().splitlines()[-15:])
-            )
+        await tear_down(replicas, c.peers, reader, consumer, client, api)
 
 
 @pytest.mark.timeout(400)
@@ -356,13 +328,7 @@ async def test_sigkill_rooms_are_owned_again_within_the_session_timeout(cluster:
     assert its_rooms
     replica.signal(signal.SIGKILL)
     killed = time.monotonic()
-    taken: dict[str, float] = {}
-    while len(taken) < len(its_rooms) and time.monotonic() - killed < TAKEOVER_BOUND + 30:
-        now = await cluster.owners()
-        for room in its_rooms:
-            if room not in taken and len(now[room]) == 1 and now[room][0] != victim:
-                taken[room] = round(time.monotonic() - killed, 2)
-        await asyncio.sleep(0.25)
+    taken = await cluster.taken_over(its_rooms, victim, killed)
     cluster.report["sigkill"] = {
         "victim": victim,
         "rooms": len(its_rooms),
@@ -381,6 +347,24 @@ async def test_sigkill_rooms_are_owned_again_within_the_session_timeout(cluster:
 
 
 _LOG_TIME = re.compile(r"^(\S+)\s")
+_ASSIGNED = re.compile(r"ownership: \S+: assigned partitions \[([\d, ]*)\] of (\d+)")
+
+
+def assigned_owners(replicas: list[Replica], rooms: list[str], alive: set[str]) -> dict[str, str]:
+    """Room -> the live replica whose last logged assignment has the room's partition."""
+    out: dict[str, str] = {}
+    for replica in replicas:
+        if replica.name not in alive:
+            continue
+        found = list(_ASSIGNED.finditer(replica.text()))
+        if not found:
+            continue
+        parts = {int(p) for p in found[-1].group(1).split(",") if p.strip()}
+        total = int(found[-1].group(2))
+        for room in rooms:
+            if room_partition(room, total) in parts:
+                out[room] = replica.name
+    return out
 
 
 def _times(text: str, what: str) -> dict[str, datetime]:
@@ -408,13 +392,7 @@ async def test_sigterm_hands_the_rooms_over_drained(cluster: Cluster) -> None:
     others_mark = {r.name: len(r.text()) for r in alive if r is not leaving}
     leaving.signal(signal.SIGTERM)
     stopped = time.monotonic()
-    taken: dict[str, float] = {}
-    while len(taken) < len(its_rooms) and time.monotonic() - stopped < TAKEOVER_BOUND + 30:
-        now = await cluster.owners()
-        for room in its_rooms:
-            if room not in taken and len(now[room]) == 1 and now[room][0] != leaving.name:
-                taken[room] = round(time.monotonic() - stopped, 2)
-        await asyncio.sleep(0.25)
+    taken = await cluster.taken_over(its_rooms, leaving.name, stopped)
     code = await leaving.wait(60)
     released = _times(leaving.text()[mark:], "released")
     acquired: dict[str, datetime] = {}

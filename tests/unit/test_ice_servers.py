@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aioice.ice
 import pytest
@@ -66,41 +66,24 @@ def test_every_stun_and_turn_url_is_kept_and_unusable_ones_are_left_out() -> Non
     ]
 
 
+EMBEDDED = ("embedded-user", "embedded-pass")  # the embedded TURN's credentials in `_join()`
+
+
+def _turn(
+    url: str, host: str, port: int, kind: Literal["udp", "tcp", "tls"], login: tuple[str, str]
+) -> TurnServer:
+    """The TurnServer expected for `url`, with `login` as its (username, password)."""
+    return TurnServer(url, host, port, kind, *login)
+
+
 def test_turn_servers_of_every_kind_in_the_servers_order() -> None:
     servers = turn_servers(ice_configuration(_join().ice_servers))
+    relay = "relay.example.org"
     assert servers == [
-        TurnServer(
-            url="turn:192.0.2.1:3478?transport=udp",
-            host="192.0.2.1",
-            port=3478,
-            kind="udp",
-            username="embedded-user",
-            password="embedded-pass",
-        ),
-        TurnServer(
-            url="turns:turn.example.org:443?transport=tcp",
-            host="turn.example.org",
-            port=443,
-            kind="tls",
-            username="embedded-user",
-            password="embedded-pass",
-        ),
-        TurnServer(
-            url="turn:relay.example.org:3479?transport=tcp",
-            host="relay.example.org",
-            port=3479,
-            kind="tcp",
-            username="ext",
-            password="ext-pass",
-        ),
-        TurnServer(
-            url="turn:relay.example.org",
-            host="relay.example.org",
-            port=3478,
-            kind="udp",
-            username="bare",
-            password="bare-pass",
-        ),
+        _turn("turn:192.0.2.1:3478?transport=udp", "192.0.2.1", 3478, "udp", EMBEDDED),
+        _turn("turns:turn.example.org:443?transport=tcp", "turn.example.org", 443, "tls", EMBEDDED),
+        _turn(f"turn:{relay}:3479?transport=tcp", relay, 3479, "tcp", ("ext", "ext-pass")),
+        _turn(f"turn:{relay}", relay, 3478, "udp", ("bare", "bare-pass")),
     ]
 
 
