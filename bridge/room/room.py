@@ -576,25 +576,23 @@ class Room:
         servers = self.options.ice_servers
         config = ice_configuration(join.ice_servers if servers is None else servers)
         session = _Session(join, signal, config, single_pc=single)
-        try:
-            session.publisher = PeerTransport(
-                rtc.SignalTarget.PUBLISHER,
+
+        def transport(target: int, name: str | None) -> PeerTransport:
+            return PeerTransport(
+                target,
                 config,
                 self.counters,
                 on_datachannel=lambda channel: self._on_datachannel(session, channel),
                 on_failed=lambda why: self._session_lost(session, why, True),
-                name="single" if single else None,
+                name=name,
             )
+
+        try:
+            session.publisher = transport(rtc.SignalTarget.PUBLISHER, "single" if single else None)
             if single:
                 session.subscriber = session.publisher
             else:
-                session.subscriber = PeerTransport(
-                    rtc.SignalTarget.SUBSCRIBER,
-                    config,
-                    self.counters,
-                    on_datachannel=lambda channel: self._on_datachannel(session, channel),
-                    on_failed=lambda why: self._session_lost(session, why, True),
-                )
+                session.subscriber = transport(rtc.SignalTarget.SUBSCRIBER, None)
             self._prepare_publisher(session)
             session.reader = spawn(self._read_signal(session), name="lk-signal", owner=self._tasks)
             signal.start_pings(join.ping_interval or 5, join.ping_timeout or 15)
