@@ -59,6 +59,7 @@ from typing import Protocol
 
 from bridge.envelope import Envelope
 from bridge.errors import RejectedMessage
+from bridge.room.delivery import Delivery
 from bridge.room.types import Counters
 from bridge.router import RoomDelivery
 from bridge.rules import RouteRules
@@ -359,6 +360,16 @@ class RoomDeliveries(Protocol):
         """Deliver `d` into its room."""
         ...
 
+    async def send(
+        self, route: str, d: RoomDelivery, envelope: Envelope, rules: RouteRules | None
+    ) -> Delivery | None:
+        """Queue a reliable packet now, or None (see `RoomSink.send`)."""
+        ...
+
+    def confirmed(self, route: str, d: RoomDelivery, envelope: Envelope) -> None:
+        """A packet `send` queued was acknowledged."""
+        ...
+
 
 class TrackedDeliveries:
     """`RoomDeliveries` that counts the deliveries in progress per room.
@@ -412,6 +423,20 @@ class TrackedDeliveries:
             if not self.in_flight[d.room]:
                 del self.in_flight[d.room]
             self.last[d.room] = time.monotonic()
+
+    async def send(
+        self, route: str, d: RoomDelivery, envelope: Envelope, rules: RouteRules | None
+    ) -> Delivery | None:
+        """Always None: with replicas every delivery goes one by one through `deliver`.
+
+        So that a handover sees exactly what is in progress per room (`in_flight`), and a held
+        room holds everything: pipelined packets would be in flight past those counts.
+        """
+        return None
+
+    def confirmed(self, route: str, d: RoomDelivery, envelope: Envelope) -> None:
+        """Not called: `send` never queues anything."""
+        self.inner.confirmed(route, d, envelope)
 
     async def _deliver_held(
         self,

@@ -15,6 +15,17 @@ counted and acknowledged, and so is one a route's ``where:`` filters out
 (``route.<name>.filtered``). An exception that escapes a delivery is a bug: it is logged with its
 traceback and treated as a rejection (reason ``internal_error``), so a lane never dies.
 
+**Pipelined lanes.** A message that goes to one room as a reliable packet along its only route
+(the hot path of a device fleet) does not hold its lane until livekit-server acknowledged it:
+the lane queues it (`Deliveries.send`, in lane order on the room's ordered channel) and goes on
+with the next, keeping up to `LANE_WINDOW` packets in flight, and settles them in order as the
+server's SCTP acknowledgements arrive (counted, then acknowledged upstream). Order on the wire
+is kept by SCTP; what the lane must add is that nothing overtakes a packet that has to go again:
+if the session is lost with packets in flight, they and everything after them are delivered
+again one by one (`deliver`, which waits for the rejoin), in order, and a message that needs
+the one-by-one path for any other reason (several routes, a rate limit, another kind, a room
+that is rejoining) first waits until what the lane has in flight is settled.
+
 Lanes outlive their last message for `LANE_IDLE` seconds, so a steady stream of messages on a
 key reuses one task instead of creating one per message.
 
@@ -32,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -40,6 +52,7 @@ from typing import TYPE_CHECKING, Protocol
 from bridge.endpoint import Inbound, Source
 from bridge.envelope import H_SOURCE, Envelope
 from bridge.errors import RejectedMessage
+from bridge.room.delivery import Delivery
 from bridge.room.types import Counters
 from bridge.router import RoomDelivery, ToRoomRoute
 from bridge.rules import RouteRules
@@ -52,6 +65,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("roombus.pump")
 
 LANE_IDLE = 10.0
+# Packets one lane keeps in flight (queued, not yet acknowledged by livekit-server) at most.
+LANE_WINDOW = 64
 
 
 class Deliveries(Protocol):
@@ -61,6 +76,16 @@ class Deliveries(Protocol):
         self, route: str, d: RoomDelivery, envelope: Envelope, rules: RouteRules | None
     ) -> None:
         """Deliver `d` (to identities `rules` permit); `RejectedMessage` for a refusal."""
+        ...
+
+    async def send(
+        self, route: str, d: RoomDelivery, envelope: Envelope, rules: RouteRules | None
+    ) -> Delivery | None:
+        """Queue a reliable packet now and return its `Delivery`; None: `deliver` it instead."""
+        ...
+
+    def confirmed(self, route: str, d: RoomDelivery, envelope: Envelope) -> None:
+        """A packet `send` queued was acknowledged by livekit-server."""
         ...
 
 
@@ -92,11 +117,33 @@ class _Ticket:
 _HeldItem = tuple[ToRoomRoute, Envelope, dict[str, str], _Ticket]
 
 
+class _Sent:
+    """A packet a lane queued and has in flight (see "Pipelined lanes" above)."""
+
+    __slots__ = ("delivery", "envelope", "inbound", "packet", "route", "values")
+
+    def __init__(
+        self,
+        inbound: Inbound[Envelope],
+        route: ToRoomRoute,
+        values: dict[str, str],
+        packet: RoomDelivery,
+        delivery: Delivery,
+    ) -> None:
+        self.inbound = inbound
+        self.envelope = inbound.message
+        self.route = route
+        self.values = values
+        self.packet = packet
+        self.delivery = delivery
+
+
 class _Lane:
-    __slots__ = ("items", "last_used", "waiter")
+    __slots__ = ("items", "last_used", "pending", "waiter")
 
     def __init__(self) -> None:
         self.items: collections.deque[Inbound[Envelope]] = collections.deque()
+        self.pending: collections.deque[_Sent] = collections.deque()  # in flight, in order
         self.waiter: asyncio.Future[bool] | None = None
         self.last_used = time.monotonic()
 
@@ -281,13 +328,20 @@ class BusPump:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                while lane.items:
-                    inbound = lane.items.popleft()
-                    try:
-                        await self._handle(inbound)
-                    finally:
-                        self._in_flight -= 1
-                        self._slots.release()
+                while lane.items or lane.pending:
+                    if lane.items and len(lane.pending) < LANE_WINDOW:
+                        inbound = lane.items.popleft()
+                        sent: _Sent | None = None
+                        try:
+                            sent = await self._handle(inbound, lane)
+                        finally:
+                            if sent is None:
+                                self._settled()
+                        if sent is not None:
+                            lane.pending.append(sent)
+                        continue
+                    # Nothing more to queue now (or the window is full): wait for the oldest.
+                    await self._settle(lane, wait_all=False)
                 lane.last_used = time.monotonic()
                 if self._read_ended:
                     return
@@ -298,33 +352,89 @@ class BusPump:
             if self._lanes.get(key) is lane:
                 del self._lanes[key]
 
+    def _settled(self) -> None:
+        self._in_flight -= 1
+        self._slots.release()
+
+    async def _settle(self, lane: _Lane, *, wait_all: bool) -> None:
+        """Settle the lane's packets in flight, oldest first, as livekit-server acknowledges them.
+
+        Waits for the oldest one (for all of them with `wait_all`), then settles every one
+        that is done. A packet lost with the session goes again, and so does everything queued
+        after it, one by one and in order (`_deliver_guarded` waits for the rejoin).
+        """
+        pending = lane.pending
+        progressed = False
+        while pending:
+            head = pending[0]
+            if not head.delivery.done():
+                if progressed and not wait_all:
+                    return
+                with contextlib.suppress(Exception):
+                    await head.delivery  # its failure is read below
+            if head.delivery.failed() is not None:
+                again = list(pending)
+                pending.clear()
+                self.counters.inc(f"source.{self.name}.resent_after_loss", len(again))
+                for item in again:
+                    try:
+                        ok, why = await self._deliver_guarded(
+                            item.route, item.envelope, item.values
+                        )
+                        if ok:
+                            await item.inbound.ack(why)
+                    finally:
+                        self._settled()
+                return
+            pending.popleft()
+            progressed = True
+            try:
+                self.counters.inc(f"route.{head.route.name}.delivered")
+                self.room_sink.confirmed(head.route.name, head.packet, head.envelope)
+                await head.inbound.ack()
+            finally:
+                self._settled()
+
     async def _reap_idle_lanes(self) -> None:
         while True:
             await asyncio.sleep(LANE_IDLE)
             now = time.monotonic()
             for lane in list(self._lanes.values()):
-                idle = lane.waiter is not None and not lane.waiter.done() and not lane.items
+                idle = (
+                    lane.waiter is not None
+                    and not lane.waiter.done()
+                    and not lane.items
+                    and not lane.pending
+                )
                 if idle and now - lane.last_used > LANE_IDLE and lane.waiter is not None:
                     lane.waiter.set_result(False)
 
-    async def _handle(self, inbound: Inbound[Envelope]) -> None:
+    async def _handle(self, inbound: Inbound[Envelope], lane: _Lane | None = None) -> _Sent | None:
+        """Handle one message of `lane`: settled here, or queued (the `_Sent` the lane settles)."""
         envelope = inbound.message
         if envelope.headers.get(H_SOURCE) == self.bridge_id:
             self.counters.inc("loop.skipped")
             await inbound.ack()
-            return
+            return None
         if self.rpc is not None and self.rpc.take_reply(self.endpoint, envelope):
             await inbound.ack()
-            return
+            return None
+        matches = [(r, v) for r in self.routes if (v := r.match(envelope)) is not None]
+        if len(matches) == 1 and lane is not None:
+            sent = await self._send(inbound, lane, *matches[0])
+            if sent is not None:
+                return sent
+            if lane.pending:
+                # The one-by-one path: nothing may overtake what the lane has in flight.
+                await self._settle(lane, wait_all=True)
+        elif lane is not None and lane.pending:
+            await self._settle(lane, wait_all=True)
         matched = False
         settle = True
         error: RejectedMessage | None = None
         rpc: list[tuple[ToRoomRoute, dict[str, str]]] = []
         ticket: _Ticket | None = None  # made when a rate limit holds the message
-        for route in self.routes:
-            values = route.match(envelope)
-            if values is None:
-                continue
+        for route, values in matches:
             matched = True
             self.counters.inc(f"route.{route.name}.received")
             if route.rules is not None and route.rules.where is not None:
@@ -358,7 +468,7 @@ class BusPump:
             if rpc:
                 await self.rpc_submit(rpc[0][0], envelope, rpc[0][1], inbound, ack=False)
             await ticket.finish(settle, error, close=True)
-            return
+            return None
         if rpc:
             # A request is answered once: by the first RPC route it matches. Its task
             # acknowledges it after the reply (and only if the other routes settled it).
@@ -366,9 +476,37 @@ class BusPump:
                 self.counters.inc(f"source.{self.name}.rpc_extra_routes", len(rpc) - 1)
             route, values = rpc[0]
             await self.rpc_submit(route, envelope, values, inbound, ack=settle)
-            return
+            return None
         if settle:
             await inbound.ack(error)
+        return None
+
+    async def _send(
+        self, inbound: Inbound[Envelope], lane: _Lane, route: ToRoomRoute, values: dict[str, str]
+    ) -> _Sent | None:
+        """Queue the message as a pipelined packet (see the module docstring), or None.
+
+        None (nothing sent, nothing counted) when it needs the one-by-one path: a request, a
+        rate limit, a ``where:`` filter, an expiry, a delivery that is not a reliable packet
+        into a connected room, or one the route refuses to build (decided there).
+        """
+        if route.target.kind == "rpc" or (
+            route.rules is not None and route.rules.where is not None
+        ):
+            return None
+        if (self.limits and route.name in self.limits) or inbound.message.expiry is not None:
+            return None
+        try:
+            packet = route.delivery(inbound.message, values)
+        except RejectedMessage:
+            return None
+        if lane.pending and lane.pending[-1].packet.room != packet.room:
+            return None  # one room at a time: a rejoin elsewhere must not reorder the lane
+        delivery = await self.room_sink.send(route.name, packet, inbound.message, route.rules)
+        if delivery is None:
+            return None
+        self.counters.inc(f"route.{route.name}.received")
+        return _Sent(inbound, route, values, packet, delivery)
 
     async def rpc_submit(
         self,

@@ -7,6 +7,11 @@ they are at most once by nature. A room
 that is rejoining is waited for (a transient failure is never a rejection); what LiveKit
 refuses for good (too large for a packet with ``oversize: reject``, a state update the server
 refuses, invalid UTF-8 for text) raises `RejectedMessage`.
+
+`RoomSink.send` is the pipelined form of the hot path (a reliable packet into a room that is
+connected now): it returns once the packet is queued, in call order, with its `Delivery`, so a
+caller can queue the next packet before livekit-server acknowledged this one, and calls
+`confirmed` once the delivery resolved. Everything else takes `deliver`.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from bridge.envelope import H_CONTENT_TYPE, Envelope
 from bridge.errors import RejectedMessage
 from bridge.logs import RateLimitedLog
 from bridge.retry import delay
+from bridge.room.delivery import Delivery
 from bridge.room.errors import (
     DataPacketTooLargeError,
     NotConnectedError,
@@ -79,10 +85,7 @@ class RoomSink:
                     )
             try:
                 await self._deliver_once(room, d, envelope)
-                if self.latch is not None:
-                    self.latch.keep(route, d, envelope)
-                start = envelope.sent_at or envelope.received_at
-                counters.observe(f"route.{route}.latency", max(0.0, time.time() - start))
+                self._delivered(link, route, d, envelope)
                 return
             except NotConnectedError:
                 pass  # the room is rejoining: wait for it and try again
@@ -104,6 +107,47 @@ class RoomSink:
             counters.inc(f"route.{route}.delivery_retries")
             await asyncio.sleep(delay(attempt))
             attempt += 1
+
+    async def send(
+        self, route: str, d: RoomDelivery, envelope: Envelope, rules: RouteRules | None = None
+    ) -> Delivery | None:
+        """Queue reliable packet `d` into its room now; None (nothing sent): use `deliver`.
+
+        The returned `Delivery` resolves once livekit-server has the packet, or fails
+        (`NotConnectedError`) when the session was lost first: the caller then sends it again
+        with `deliver`, and calls `confirmed` after a success. None for anything `deliver`
+        must decide or wait for: another kind, a room not connected now, a packet too large,
+        a destination the access rules deny.
+        """
+        if d.kind != "packet" or not d.reliable:
+            return None
+        link = self.links.get(d.room)
+        room = None if link is None else link.room
+        if room is None or not room.isconnected:
+            return None
+        access = None if rules is None else rules.access
+        if access is not None and _denied(access, room, d) is not None:
+            return None
+        try:
+            return await room.local_participant.publish_data_tracked(
+                d.payload, destination_identities=d.destinations, topic=d.topic
+            )
+        except RoomError:
+            return None  # raised before anything was sent (too large, not connected)
+
+    def confirmed(self, route: str, d: RoomDelivery, envelope: Envelope) -> None:
+        """A packet `send` queued was acknowledged: what `deliver` does after a delivery."""
+        link = self.links.get(d.room)
+        if link is not None:
+            self._delivered(link, route, d, envelope)
+
+    def _delivered(self, link: RoomLink, route: str, d: RoomDelivery, envelope: Envelope) -> None:
+        if self.latch is not None:
+            self.latch.keep(route, d, envelope)
+        # The link carries the bridge's counters: the end-to-end latency from the bus's own
+        # timestamp, else from when the bridge received the message.
+        start = envelope.sent_at or envelope.received_at
+        link.counters.observe(f"route.{route}.latency", max(0.0, time.time() - start))
 
     async def _deliver_once(self, room: Room, d: RoomDelivery, envelope: Envelope) -> None:
         lp = room.local_participant

@@ -10,6 +10,7 @@ import pytest
 from bridge.config import ConfigError, parse_config
 from bridge.envelope import Envelope
 from bridge.errors import RejectedMessage
+from bridge.room.delivery import Delivery
 from bridge.room.types import Counters
 from bridge.router import RoomDelivery, ToRoomRoute, compile_routes
 from bridge.rules import RouteRules
@@ -208,6 +209,14 @@ class _Sink:
     ) -> None:
         await self.rooms.setdefault(d.room, asyncio.Event()).wait()
         self.got.append((d.room, d.payload))
+
+    async def send(
+        self, route: str, d: RoomDelivery, envelope: Envelope, rules: RouteRules | None
+    ) -> Delivery | None:
+        return None
+
+    def confirmed(self, route: str, d: RoomDelivery, envelope: Envelope) -> None:
+        raise AssertionError("send never queues")
 
 
 def _delivery(room: str, payload: bytes) -> RoomDelivery:

@@ -21,6 +21,7 @@ from bridge.config import parse_config
 from bridge.endpoint import Inbound
 from bridge.envelope import Envelope, Outbound
 from bridge.errors import ConnectorError, RejectedMessage
+from bridge.room.delivery import Delivery
 from bridge.room.types import Counters
 from bridge.router import RoomDelivery, RoomMessage, ToBusRoute, ToRoomRoute, compile_routes
 from bridge.runtime import bridge as bridge_module
@@ -55,16 +56,33 @@ class FakeRooms:
         self.delivered: list[tuple[str, bytes]] = []
         self.gates: dict[str, asyncio.Event] = {}
         self.raise_once: BaseException | None = None
+        self.pipelined = False  # `send` queues packets (their deliveries resolved by the test)
+        self.sent: list[tuple[str, bytes, Delivery]] = []
+        self.started: list[bytes] = []  # payloads `deliver` was called with, in call order
 
     async def deliver(
         self, route: str, d: RoomDelivery, envelope: Envelope, rules: object = None
     ) -> None:
+        self.started.append(d.payload)
         gate = self.gates.get(d.room)
         if gate is not None:
             await gate.wait()
         if self.raise_once is not None:
             exc, self.raise_once = self.raise_once, None
             raise exc
+        self.delivered.append((d.room, d.payload))
+
+    async def send(
+        self, route: str, d: RoomDelivery, envelope: Envelope, rules: object = None
+    ) -> Delivery | None:
+        """With `pipelined`, a packet into an open room is queued: its delivery is `sent`'s."""
+        if not self.pipelined or d.room in self.gates or d.kind != "packet":
+            return None
+        delivery = Delivery()
+        self.sent.append((d.room, d.payload, delivery))
+        return delivery
+
+    def confirmed(self, route: str, d: RoomDelivery, envelope: Envelope) -> None:
         self.delivered.append((d.room, d.payload))
 
 
