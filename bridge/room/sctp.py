@@ -24,8 +24,12 @@ spending its time on avoidable work, not on the network:
    completed once.
 4. **A SACK per packet.** `_handle_data` answers every packet that carried DATA with a SACK.
    Here a SACK goes out for every second such packet (RFC 9260 §6.2 "at least every second
-   packet"), at once when the packet showed a gap or duplicate, and otherwise as soon as the
-   receive backlog is drained (a `call_soon` callback), so the delay is never a timer's.
+   packet"), at once when the packet showed a gap or duplicate, and otherwise after
+   `SACK_DELAY` (a timer, as RFC 9260 §6.2 allows up to 200 ms and Linux, usrsctp and pion use
+   200 ms): a lone packet in flight waits that long for its SACK, unless a second one arrives.
+   At a few dozen packets per second per room (a busy room sending to the bridge) that halves
+   the SACKs; each costs a DTLS record and a `sendto`. Data reaches the application on arrival;
+   only the sender's window waits, and the SDKs' senders never wait on a SACK.
 
 5. **The peer's receive window is ignored.** Stock aiortc limits what it sends only by its
    congestion window; the `a_rwnd` of the peer's SACKs is read once (as the initial ssthresh)
@@ -95,6 +99,8 @@ log = logging.getLogger("roombus.room.sctp")
 SUPPORTED_VERSIONS = frozenset({"1.16.0"})
 # A SACK is sent at once after this many packets carrying DATA (RFC 9260 §6.2).
 SACK_EVERY_PACKETS = 2
+# Seconds a lone packet's SACK waits for a second packet (RFC 9260 §6.2: at most 200 ms).
+SACK_DELAY = 0.05
 # The DATA chunk flag asking the receiver to SACK at once (RFC 7053 §3).
 SCTP_DATA_SACK_IMMEDIATELY = 0x08
 
@@ -196,7 +202,7 @@ def _has_member(name: str) -> bool:
 _T._rb_flush_task = None  # the one scheduled flush task, while pending
 _T._rb_rtx_pending = True  # chunks may be marked for retransmission: scan the sent queue
 _T._rb_unacked_packets = 0  # packets with DATA received since our last SACK
-_T._rb_sack_handle = None  # the pending call_soon that sends a delayed SACK
+_T._rb_sack_handle = None  # the pending timer that sends a delayed SACK
 _T._rb_sack_task = None  # the task sending a delayed SACK, while it runs
 _T._rb_deliveries = None  # the association's DeliveryTracker, once a tracked message was sent
 
@@ -604,8 +610,10 @@ async def _handle_data(self: Any, data: bytes) -> None:
     ):
         await _sack_now(self)
     elif self._rb_sack_handle is None:
-        # Once the receive backlog is drained, this loop turn ends and the SACK goes out.
-        self._rb_sack_handle = asyncio.get_running_loop().call_soon(_delayed_sack, self)
+        # The SACK goes out with the next packet's, or after SACK_DELAY.
+        self._rb_sack_handle = asyncio.get_running_loop().call_later(
+            SACK_DELAY, _delayed_sack, self
+        )
 
 
 async def _sack_now(self: Any) -> None:

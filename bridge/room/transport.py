@@ -39,6 +39,7 @@ from aiortc.rtcicetransport import parse_stun_turn_uri
 from aiortc.sdp import candidate_from_sdp
 from livekit.protocol import rtc
 
+from bridge.room import direct_receive
 from bridge.room.types import Counters
 
 log = logging.getLogger("roombus.room.transport")
@@ -319,6 +320,7 @@ class PeerTransport:
         self.target = target
         # For logs and task names: "publisher", "subscriber", or "single".
         self.name = name or rtc.SignalTarget.Name(target).lower()
+        direct_receive.install()  # idempotent; the stock route on unknown aiortc/aioice versions
         self.pc = RTCPeerConnection(configuration=config)
         self._turn = turn_servers(config)
         self.connected = asyncio.Event()

@@ -351,7 +351,7 @@ async def test_receiver_acknowledges_every_second_packet() -> None:
         for message in messages:
             tx.send(message)
         await _wait_for(lambda: len(got) == len(messages))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(sctp.SACK_DELAY + 0.1)
         data_packets = len(_data_packets(pair.link_a.sent))
         sacks = _sacks(pair.link_b.sent)
         assert data_packets >= 200
@@ -359,6 +359,32 @@ async def test_receiver_acknowledges_every_second_packet() -> None:
         # The last SACK acknowledges everything (the odd packet out is not left unacked).
         assert sacks[-1].cumulative_tsn == pair.a._last_sacked_tsn
         assert not pair.a._sent_queue
+
+
+async def test_a_lone_packet_is_acknowledged_after_the_delay_a_second_one_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sctp, "SACK_DELAY", 1.0)  # long enough to tell "at once" from it
+    async with _associated() as pair:
+        tx, rx = _channels(pair)
+        got = _collect(rx)
+        await _wait_for(lambda: tx.readyState == "open")
+        await _wait_for(lambda: pair.b._rb_sack_handle is None and not pair.b._sack_needed)
+        pair.link_b.sent.clear()
+        tx.send(_message(0, 100))
+        await _wait_for(lambda: len(got) == 1)
+        assert _sacks(pair.link_b.sent) == []  # delivered; its SACK waits for a second packet
+        assert pair.b._rb_sack_handle is not None
+        tx.send(_message(1, 100))
+        await _wait_for(lambda: len(got) == 2)
+        assert len(_sacks(pair.link_b.sent)) == 1  # sent with the second packet, at once
+        assert pair.b._rb_sack_handle is None
+        tx.send(_message(2, 100))
+        await _wait_for(lambda: len(got) == 3)
+        assert len(_sacks(pair.link_b.sent)) == 1
+        await _wait_for(lambda: len(_sacks(pair.link_b.sent)) == 2)  # the lone third, later
+        assert _sacks(pair.link_b.sent)[-1].cumulative_tsn == pair.a._last_sacked_tsn
+        await _wait_for(lambda: not pair.a._sent_queue)
 
 
 async def test_a_gap_is_reported_at_once() -> None:
