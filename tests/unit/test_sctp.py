@@ -361,6 +361,11 @@ async def test_receiver_acknowledges_every_second_packet() -> None:
         assert not pair.a._sent_queue
 
 
+def _sack_timer(transport: RTCSctpTransport) -> object:
+    timer: object = getattr(transport, "_rb_sack_handle")  # noqa: B009 - set by the patch
+    return timer
+
+
 async def test_a_lone_packet_is_acknowledged_after_the_delay_a_second_one_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -369,16 +374,16 @@ async def test_a_lone_packet_is_acknowledged_after_the_delay_a_second_one_at_onc
         tx, rx = _channels(pair)
         got = _collect(rx)
         await _wait_for(lambda: tx.readyState == "open")
-        await _wait_for(lambda: pair.b._rb_sack_handle is None and not pair.b._sack_needed)
+        await _wait_for(lambda: _sack_timer(pair.b) is None and not pair.b._sack_needed)
         pair.link_b.sent.clear()
         tx.send(_message(0, 100))
         await _wait_for(lambda: len(got) == 1)
         assert _sacks(pair.link_b.sent) == []  # delivered; its SACK waits for a second packet
-        assert pair.b._rb_sack_handle is not None
+        assert _sack_timer(pair.b) is not None
         tx.send(_message(1, 100))
         await _wait_for(lambda: len(got) == 2)
         assert len(_sacks(pair.link_b.sent)) == 1  # sent with the second packet, at once
-        assert pair.b._rb_sack_handle is None
+        assert _sack_timer(pair.b) is None
         tx.send(_message(2, 100))
         await _wait_for(lambda: len(got) == 3)
         assert len(_sacks(pair.link_b.sent)) == 1
