@@ -20,6 +20,24 @@ outbox's task), coalesced or dropped there; `drain` releases what it still holds
 the sink at once, so the sink sees the calls in order (Kafka batches them with its linger and
 keeps per-partition order with the idempotent producer; MQTT writes them in order on one
 connection) while up to `window` wait for their acknowledgements.
+
+A retriable failure closes the window, so that no message overtakes one that must be sent
+again (per-key order: a Kafka key's partition, an MQTT topic, across a bus outage):
+
+1. the worker whose publish failed keeps the message aside (by sequence) and hands out nothing
+   new, nor does any other worker;
+2. once every publish that was in flight has settled (accepted, refused, or failed too and kept
+   aside), the route's one retry loop (`_recover`) retries the oldest kept message alone, with
+   the bridge's backoff (`Publisher.retry`: capped full jitter), until the broker takes it;
+3. then the window opens again: the other kept messages go out first, oldest first, then the
+   buffer. If one of them fails again, the same steps repeat.
+
+The steady state pays nothing for this: one attempt per message, no extra task or await. A
+non-retriable error is a rejection, decided once by `Rejections` as before, and does not close
+the window. Within a window the sink is called in order; that messages in flight together reach
+the broker in that order (when an earlier one fails and a later one does not) is the sink's
+promise, not the outbox's — and so is the order of what a sink retries inside one call before
+it reports a failure (the Kafka sink retries until its ``delivery_timeout``).
 """
 
 from __future__ import annotations
@@ -27,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import operator
 from typing import Protocol
 
 from bridge.endpoint import Sink
@@ -114,11 +133,20 @@ class Outbox:
         self._acked: list[int] = []
         self._remove_scheduled = False
         self._read_after = 0  # the spool's last seq read into the buffer
+        self._last_seq = 0  # memory mode: messages are numbered too, for the retry order
         # Idle workers, each waiting on its own future: a new message wakes one of them, not
         # all `window` (with one shared event every message woke every idle worker, 64 task
         # steps per message by default, for one of them to find work).
         self._idle: collections.deque[asyncio.Future[None]] = collections.deque()
         self._in_flight = 0
+        # The ordered retry (see the module docstring): while `_closed`, nothing new is handed
+        # out; `_failed` holds what failed retriably, `_attempts` counts publishes not settled,
+        # `_resend` is what goes out again, oldest first, before the buffer.
+        self._closed = False
+        self._failed: list[tuple[int, Outbound]] = []
+        self._attempts = 0
+        self._resend: collections.deque[tuple[int, Outbound]] = collections.deque()
+        self._recovery: asyncio.Future[None] | None = None
         self.limiter: RateLimiter[tuple[RoomMessage, dict[str, str]]] | None = None
         if rate is not None:
             self.limiter = RateLimiter(
@@ -181,7 +209,8 @@ class Outbox:
             if self.overflow == "drop_newest":
                 return
             self._buffer.popleft()
-        self._buffer.append((0, out))
+        self._last_seq += 1
+        self._buffer.append((self._last_seq, out))
         self._signal()
 
     def _flush(self) -> None:
@@ -197,7 +226,12 @@ class Outbox:
         self._signal()
 
     def _signal(self) -> None:
-        """Wake one idle worker (it wakes the next if more work is waiting)."""
+        """Wake one idle worker (it wakes the next if more work is waiting).
+
+        While the window is closed only rejections are handed out: nobody is woken for the rest.
+        """
+        if self._closed and not self._rejects:
+            return
         idle = self._idle
         while idle:
             waiter = idle.popleft()
@@ -213,7 +247,7 @@ class Outbox:
         if self.spool is not None:
             spooled = self.spool.count - len(self._acked) - self._in_flight
             return len(self._rejects) + len(self._unflushed) + max(0, spooled)
-        return len(self._buffer) + len(self._rejects)
+        return len(self._buffer) + len(self._rejects) + len(self._failed) + len(self._resend)
 
     @property
     def in_flight(self) -> int:
@@ -225,6 +259,7 @@ class Outbox:
         async with asyncio.TaskGroup() as tg:
             for i in range(self.window):
                 tg.create_task(self._worker(), name=f"roombus[{self.name}].publish-{i}")
+            tg.create_task(self._retry_loop(), name=f"roombus[{self.name}].retry")
             if self.limiter is not None:
                 tg.create_task(self.limiter.run(), name=f"roombus[{self.name}].rate")
 
@@ -265,16 +300,22 @@ class Outbox:
                 finally:
                     self._done()
                 continue
-            if not self._buffer:
-                self._refill()
-            if not self._buffer:
+            if self._closed:  # a retry is pending: nothing new goes out (the module docstring)
+                queue = None
+            elif self._resend:
+                queue = self._resend
+            else:
+                if not self._buffer:
+                    self._refill()
+                queue = self._buffer or None
+            if queue is None:
                 waiter = asyncio.get_running_loop().create_future()
                 self._idle.append(waiter)
                 await waiter
                 continue
-            seq, out = self._buffer.popleft()
+            seq, out = queue.popleft()
             self._in_flight += 1
-            if self._buffer or self._rejects:
+            if self._buffer or self._rejects or self._resend:
                 self._signal()  # more waiting: another worker takes the next one
             try:
                 await self._publish(seq, out)
@@ -285,27 +326,86 @@ class Outbox:
         self._in_flight -= 1
 
     async def _publish(self, seq: int, out: Outbound) -> None:
+        """One attempt; a retriable failure keeps the message for the ordered retry."""
+        self._attempts += 1
         try:
-            await self.publisher.publish(self.sink, out, route=self.name, where=out.topic)
+            failed = await self.publisher.attempt(self.sink, out, route=self.name, where=out.topic)
         except RejectedMessage as why:
-            headers = dict(out.headers)
-            # The dead-letter templates get the provenance the rendered message still carries.
-            values = {
-                "room": headers.get(H_ROOM, ""),
-                "participant": headers.get(H_PARTICIPANT, ""),
-                "topic": headers.get(H_TOPIC, ""),
-                "kind": headers.get(H_KIND, ""),
-            }
-            await self.rejections.decide(
-                self.name,
-                self.route.on_reject,
-                self.route.dead_letter,
-                why,
-                Rejected(out.payload, values, headers, out.content_type, None, out.topic),
-            )
+            self._settled()
+            await self._reject(out, why)
+        except BaseException:
+            self._settled()
+            raise
         else:
+            if failed is not None:
+                self._failed.append((seq, out))
+                self._closed = True
+                self._settled()
+                return  # not settled: `_recover` sends it again, in order
+            self._settled()
             self.counters.inc(f"{self._prefix}.published")
-        if seq and self.spool is not None:
+        self._acknowledged(seq)
+
+    def _settled(self) -> None:
+        """An attempt ended; the last one to end while the window is closed starts the retry."""
+        self._attempts -= 1
+        recovery = self._recovery
+        if self._closed and not self._attempts and recovery is not None and not recovery.done():
+            recovery.set_result(None)
+
+    async def _retry_loop(self) -> None:
+        """The route's one retry loop: runs `_recover` each time the window closed and settled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self._recovery = loop.create_future()
+            if self._closed and not self._attempts:
+                self._recovery.set_result(None)  # closed while this loop was not waiting
+            await self._recovery
+            await self._recover()
+
+    async def _recover(self) -> None:
+        """Retry the oldest failed message alone until the broker takes it; reopen the window."""
+        failed = sorted(self._failed, key=operator.itemgetter(0))
+        self._failed = []
+        seq, out = failed[0]
+        self._resend.extendleft(reversed(failed[1:]))  # ahead of any still to be resent
+        self._in_flight += 1
+        try:
+            try:
+                await self.publisher.retry(self.sink, out, route=self.name, where=out.topic)
+            except RejectedMessage as why:
+                await self._reject(out, why)
+            except BaseException:
+                self._resend.appendleft((seq, out))  # cancelled (shutdown): ours, still first
+                raise
+            else:
+                self.counters.inc(f"{self._prefix}.published")
+        finally:
+            self._in_flight -= 1
+        self._acknowledged(seq)
+        self._closed = False  # the broker answered: the window opens, the resends go first
+        self._signal()
+
+    async def _reject(self, out: Outbound, why: RejectedMessage) -> None:
+        headers = dict(out.headers)
+        # The dead-letter templates get the provenance the rendered message still carries.
+        values = {
+            "room": headers.get(H_ROOM, ""),
+            "participant": headers.get(H_PARTICIPANT, ""),
+            "topic": headers.get(H_TOPIC, ""),
+            "kind": headers.get(H_KIND, ""),
+        }
+        await self.rejections.decide(
+            self.name,
+            self.route.on_reject,
+            self.route.dead_letter,
+            why,
+            Rejected(out.payload, values, headers, out.content_type, None, out.topic),
+        )
+
+    def _acknowledged(self, seq: int) -> None:
+        """`seq` is settled (published or rejected): it may leave the spool."""
+        if self.spool is not None:
             # Removes of one loop turn go in one transaction (group commit), like appends.
             self._acked.append(seq)
             if not self._remove_scheduled:

@@ -9,6 +9,11 @@ route goes on with the next message instead of looping forever.
 
 An exception that is not a `ConnectorError` is a bug at an endpoint's boundary (an unwrapped
 third-party error): it is retried a few times, logged with its traceback, then rejected.
+
+`publish` is `attempt` followed, if that failed retriably, by `retry`. A caller that keeps
+several publishes in flight and must keep their order (`bridge.runtime.outbox`) calls the two
+halves itself: `attempt` for every message, and `retry` for the failed ones one at a time, in
+order, instead of one independent retry loop per message.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class Publisher:
 
     def __init__(self, counters: Counters, *, initial: float = 0.2, maximum: float = 10.0) -> None:
         self.counters = counters
+        self._initial, self._maximum = initial, maximum
         self._wait = backoff(initial, maximum)
 
     async def publish(self, sink: Sink[T], message: T, *, route: str, where: str) -> None:
@@ -66,7 +72,24 @@ class Publisher:
             RejectedMessage: the sink refused the message for good (reason ``refused``, or
                 ``publish_failed`` for an unexpected error).
         """
-        try:  # the fast path: no retry machinery for a message that goes at once
+        failed = await self.attempt(sink, message, route=route, where=where)
+        if failed is not None:
+            await self.retry(sink, message, route=route, where=where)
+
+    async def attempt(
+        self, sink: Sink[T], message: T, *, route: str, where: str
+    ) -> Exception | None:
+        """Publish `message` once: the fast path, no retry machinery.
+
+        Returns:
+            None once the sink accepted the message; otherwise the error, which waiting may
+            cure (a retriable `ConnectorError`, or an unexpected exception): the message is for
+            `retry` then. The failure is counted (``publish_retries``) and logged already.
+
+        Raises:
+            RejectedMessage: the sink refused the message for good (reason ``refused``).
+        """
+        try:
             await sink.publish(message)
         except ConnectorError as exc:
             if not exc.retriable:
@@ -76,7 +99,7 @@ class Publisher:
             first = exc
         else:
             self._published(route, message)
-            return
+            return None
         self.counters.inc(f"route.{route}.publish_retries")
         self.counters.note_error(route, f"publish to {where} failed, retrying: {first}")
         _limited.warning(
@@ -87,8 +110,21 @@ class Publisher:
             first,
             extra={"route": route},
         )
+        return first
+
+    async def retry(self, sink: Sink[T], message: T, *, route: str, where: str) -> None:
+        """Publish `message`, whose `attempt` failed, with backoff until it is accepted.
+
+        Waits before each try (`bridge.retry.backoff`, from the first step), until the sink
+        accepts the message or the caller is cancelled; an unexpected exception is given
+        `UNEXPECTED_ATTEMPTS` tries.
+
+        Raises:
+            RejectedMessage: the sink refused the message for good (reason ``refused``, or
+                ``publish_failed`` for an unexpected error).
+        """
         failures = 1
-        await asyncio.sleep(delay(0))
+        await asyncio.sleep(delay(0, self._initial, self._maximum))
 
         def stop(state: RetryCallState) -> bool:
             exc = state.outcome.exception() if state.outcome else None
@@ -100,7 +136,7 @@ class Publisher:
             failures += 1
             self.counters.inc(f"route.{route}.publish_retries")
             exc = state.outcome.exception() if state.outcome else None
-            # One line when a route starts failing (above), then quiet until it recovers.
+            # One line when a route starts failing (in `attempt`), then quiet until it recovers.
             log.debug("%s: publish to %s failed (%s); retrying with backoff", route, where, exc)
 
         retrying = AsyncRetrying(
@@ -120,16 +156,15 @@ class Publisher:
             log.error("%s: publish to %s failed unexpectedly", route, where, exc_info=exc)
             raise RejectedMessage("publish_failed", f"{type(exc).__name__}: {exc}") from exc
         self._published(route, message)
-        if failures:
-            _limited.log(
-                logging.INFO,
-                (route, "recovered"),
-                "%s: publish to %s succeeded after %d retries",
-                route,
-                where,
-                failures,
-                extra={"route": route},
-            )
+        _limited.log(
+            logging.INFO,
+            (route, "recovered"),
+            "%s: publish to %s succeeded after %d retries",
+            route,
+            where,
+            failures,
+            extra={"route": route},
+        )
 
     def _published(self, route: str, message: object) -> None:
         """Observe the route's end-to-end latency once the broker acknowledged `message`.

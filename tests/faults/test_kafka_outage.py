@@ -13,6 +13,7 @@ Expected (short / full):
 * R3 drop: no spool, `queue_size: 300`, `overflow: drop_newest`; Kafka down 6 s / 60 s at 100
   msg/s: the checker's lost count equals `roombus_route_dropped_total{reason="overflow"}`
   exactly; nothing else lost; no duplicates.
+* Both: out of order 0 (one key, one partition) — see `order_verdict`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.faults.checker import Leg, Result
 from tests.faults.harness import (
@@ -38,6 +41,32 @@ from tests.faults.harness import (
     shut_down,
 )
 from tests.services import Kafka, LiveKitServer
+
+KNOWN_SINK_REORDER = (
+    "known bug: connectors/kafka.py KafkaSink.publish retries a failed record inside the call,"
+    " each call on its own after its own wait (retry_backoff; the call that replaces the"
+    " producer first waits for the old one to stop), so records whose batches expired during"
+    " the outage (older than request_timeout, 30 s) or failed when the producer was replaced"
+    " are appended again in the order those waits end, not in call order"
+)
+
+
+def order_verdict(r: Result, m: Metrics, bridge: BridgeProc) -> None:
+    """Out of order 0 on room → Kafka (per key: one key, one partition; issue 10).
+
+    The outbox keeps the order of what fails back to it (`bridge/runtime/outbox.py`: the
+    window closes, the failed messages are retried in order). Disorder while the outbox never
+    saw a failure (`roombus_route_retries_total` 0) can only have come from inside the Kafka
+    sink's own retries: an expected failure until connectors/kafka.py keeps the order of
+    those; any other disorder fails.
+    """
+    if r.out_of_order == 0:
+        return
+    retries = int(m.get("roombus_route_retries_total", route="up"))
+    detail = f"{r.summary()}; the outbox retried {retries} publishes"
+    if retries == 0:
+        pytest.xfail(f"{KNOWN_SINK_REORDER}: {detail}")
+    raise AssertionError(f"out of order {r.out_of_order}: {detail}\n{bridge.tail()}")
 
 
 async def _outage(
@@ -109,10 +138,13 @@ async def test_r3_kafka_outage_with_the_spool_loses_nothing(
     r.account("dropped", 0, dropped)
     drain = r.faults[0].drain_s
     r.verdict = "pass" if r.lost == 0 and dropped == 0 and drain is not None else "FAIL"
+    if r.out_of_order:
+        r.verdict = "FAIL (out of order)"
     r.write()
     assert r.lost == 0, f"{r.summary()}\nlost: {r.lost_sample}\n{bridge.tail()}"
     assert dropped == 0, r.summary()
     assert drain is not None and drain <= 120, r.summary()
+    order_verdict(r, m, bridge)
 
 
 async def test_r3_kafka_outage_with_a_dropping_buffer_counts_every_drop(
@@ -139,7 +171,10 @@ async def test_r3_kafka_outage_with_a_dropping_buffer_counts_every_drop(
     dropped = int(m.get("roombus_route_dropped_total", route="up", reason="overflow"))
     r.account("overflow", r.lost, dropped)
     r.verdict = "pass" if r.lost == dropped and r.duplicated == 0 and dropped > 0 else "FAIL"
+    if r.out_of_order:
+        r.verdict = "FAIL (out of order)"
     r.write()
     assert dropped > 0, f"the buffer never overflowed: {r.summary()}"
     assert r.lost == dropped, f"{r.summary()}\n{bridge.tail()}"
     assert r.duplicated == 0, r.summary()
+    order_verdict(r, m, bridge)
