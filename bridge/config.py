@@ -16,6 +16,8 @@ secret fields (marked `SECRET`) and everything read through ``${file:...}``.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
 import re
@@ -107,6 +109,66 @@ class _Model(BaseModel):
 # ----------------------------------------------------------------------------- livekit
 
 
+class E2EEConfig(_Model):
+    """The shared key of end-to-end encrypted rooms (LiveKit E2EE; see docs/e2ee.md)."""
+
+    shared_key: Annotated[str | None, SECRET] = Field(
+        None,
+        repr=False,
+        description="The rooms' shared E2EE key as text (its UTF-8 bytes are the key, as"
+        " KeyProviderOptions(shared_key=...) of the SDKs); from ${file:...} or ${VAR}",
+    )
+    shared_key_base64: Annotated[str | None, SECRET] = Field(
+        None,
+        repr=False,
+        description="The shared key as base64, for a binary key (instead of shared_key)",
+    )
+    ratchet_salt: str = Field(
+        "LKFrameEncryptionKey",
+        min_length=1,
+        description="The key provider's ratchet salt (salt of the key derivation); the SDKs'"
+        " default",
+    )
+    key_derivation: Literal["pbkdf2", "hkdf"] = Field(
+        "pbkdf2",
+        description="How the AES key is derived from the shared key: pbkdf2 (the SDKs'"
+        " default; PBKDF2-HMAC-SHA256, 100,000 iterations) or hkdf (HKDF-SHA256)",
+    )
+
+    @field_validator("shared_key")
+    @classmethod
+    def _text_key(cls, value: str | None) -> str | None:
+        if value is not None and not value:
+            raise ValueError("is empty")
+        return value
+
+    @field_validator("shared_key_base64")
+    @classmethod
+    def _base64_key(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            key = base64.b64decode(value.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("is not valid base64") from None
+        if not key:
+            raise ValueError("is empty")
+        return value
+
+    @model_validator(mode="after")
+    def _one_key(self) -> E2EEConfig:
+        if (self.shared_key is None) == (self.shared_key_base64 is None):
+            raise ValueError("give shared_key or shared_key_base64 (one of them)")
+        return self
+
+    def key(self) -> bytes:
+        """The shared key's bytes."""
+        if self.shared_key is not None:
+            return self.shared_key.encode("utf-8")
+        assert self.shared_key_base64 is not None
+        return base64.b64decode(self.shared_key_base64.strip())
+
+
 class LiveKitConfig(_Model):
     """How the bridge joins LiveKit."""
 
@@ -142,6 +204,13 @@ class LiveKitConfig(_Model):
         " (bench/idle_rooms_bench.py). auto: single, and two"
         " when the server does not offer it (livekit-server < 1.9.1 answers 404); true:"
         " single only (such a server refuses the join); false: always two",
+    )
+    e2ee: E2EEConfig | None = Field(
+        None,
+        description="End-to-end encryption with a shared key, as the SDKs' E2EE, of data"
+        " packets, streams, RPC and data-track frames in every room the bridge joins"
+        " (docs/e2ee.md). Without it, encrypted packets are dropped and counted"
+        " (rejected.encrypted)",
     )
 
     @field_validator("url")

@@ -17,10 +17,17 @@ wire, and what the installed SDK does, is written down in `docs/data-tracks.md`.
   Subscriptions are kept by (publisher identity, track name), so a track published later, or
   again after a rejoin (new sid), is subscribed as soon as it appears.
 
+* End-to-end encryption (a room with an E2EE key, `bridge.room.e2ee`): as the Rust SDK, a
+  frame's payload is encrypted whole with the room's data cryptor before it is cut into
+  packets, each packet carrying the key index and IV in its E2EE extension; the track is
+  published with `encryption=GCM`. Received frames with that extension are decrypted once
+  reassembled.
+
 Nothing is hidden: a frame that cannot be sent at once (channel congested, not open) is dropped
 and counted, and on the receiving side lost packets (sequence gaps, e.g. the server dropping
 packets queued longer than its 100 ms target latency), incomplete frames, encrypted frames
-(we hold no E2EE keys), malformed packets and packets for unknown handles are all counted.
+we cannot decrypt (no key, or another one), malformed packets and packets for unknown handles
+are all counted.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from dataclasses import dataclass, field
 from aiortc import RTCDataChannel
 from livekit.protocol import models, rtc
 
+from bridge.room.e2ee import DataCryptor, DecryptError
 from bridge.room.errors import NotConnectedError, RoomError
 from bridge.room.types import Counters
 
@@ -180,17 +188,23 @@ def decode_packet(data: bytes) -> DataTrackPacket:
     )
 
 
-def header_len(user_timestamp: int | None) -> int:
-    """The header size of a packet with (or without) a user timestamp."""
-    return BASE_HEADER_LEN + (12 if user_timestamp is not None else 0)
+def header_len(user_timestamp: int | None, e2ee: bool = False) -> int:
+    """The header size of a packet with (or without) a user timestamp and E2EE extension."""
+    ext = (2 + _USER_TIMESTAMP_LEN if user_timestamp is not None else 0) + (
+        2 + _E2EE_LEN if e2ee else 0
+    )
+    return BASE_HEADER_LEN + (((2 + ext + 3) // 4) * 4 if ext else 0)
 
 
 class Packetizer:
     """Cuts frames into packets for one published track (sequence, frame number, clock)."""
 
-    def __init__(self, handle: int, mtu: int = TRANSPORT_MTU) -> None:
+    def __init__(
+        self, handle: int, mtu: int = TRANSPORT_MTU, e2ee: DataCryptor | None = None
+    ) -> None:
         self.handle = handle
         self.mtu = mtu
+        self.e2ee = e2ee  # encrypts every frame (an E2EE track)
         self.sequence = 0
         self.frame_number = 0
         self._clock_base = random.getrandbits(32)
@@ -201,8 +215,12 @@ class Packetizer:
 
     def packetize(self, frame: DataTrackFrame) -> list[bytes]:
         """The packets of `frame` (an empty payload makes no packet, as in the Rust SDK)."""
-        room = self.mtu - header_len(frame.user_timestamp)
         payload = frame.payload
+        e2ee: tuple[int, bytes] | None = None
+        if self.e2ee is not None:
+            iv, payload = self.e2ee.encrypt(payload)
+            e2ee = (self.e2ee.key_index, iv)
+        room = self.mtu - header_len(frame.user_timestamp, e2ee is not None)
         chunks = [payload[i : i + room] for i in range(0, len(payload), room)]
         frame_number = self.frame_number
         self.frame_number = (frame_number + 1) & 0xFFFF
@@ -220,6 +238,7 @@ class Packetizer:
                         final=index == len(chunks) - 1,
                         payload=chunk,
                         user_timestamp=frame.user_timestamp,
+                        e2ee=e2ee,
                     )
                 )
             )
@@ -318,7 +337,7 @@ class LocalDataTrack:
     def __init__(self, manager: DataTrackManager, info: DataTrackInfo) -> None:
         self._manager = manager
         self.info = info
-        self._packetizer = Packetizer(info.pub_handle)
+        self._packetizer = Packetizer(info.pub_handle, e2ee=manager.e2ee)
         self._published = True
 
     def is_published(self) -> bool:
@@ -377,8 +396,12 @@ class DataTrackManager:
         post_event: Callable[[object], None],
         remote_tracks: Callable[[], Sequence[tuple[str, str, models.DataTrackInfo]]],
         request_timeout: Callable[[], float],
+        e2ee: DataCryptor | None = None,
     ) -> None:
         self._counters = counters
+        # The room's E2EE key: our tracks are published encrypted, theirs decrypted.
+        self.e2ee = e2ee
+        self._e2ee_rejected_logged = False
         self._send_signal = send_signal
         self._post_event = post_event
         self._remote_tracks = remote_tracks
@@ -420,6 +443,8 @@ class DataTrackManager:
         future: asyncio.Future[DataTrackInfo] = asyncio.get_running_loop().create_future()
         self._pending[handle] = future
         request = rtc.PublishDataTrackRequest(pub_handle=handle, name=name)
+        if self.e2ee is not None:
+            request.encryption = models.Encryption.Type.GCM
         try:
             await self._send_signal(rtc.SignalRequest(publish_data_track_request=request))
             async with asyncio.timeout(self._request_timeout()):
@@ -582,13 +607,24 @@ class DataTrackManager:
             self._counters.inc("data_tracks.unknown_handle")
             return
         self._counters.inc("data_tracks.packets_received")
-        if packet.e2ee is not None:
-            # We hold no keys: an encrypted frame cannot be delivered.
+        if packet.e2ee is not None and self.e2ee is None:
+            # We hold no key: an encrypted frame cannot be delivered.
             self._counters.inc("data_tracks.e2ee_dropped")
+            self._reject_encrypted(sub, "this room has no E2EE key configured")
             return
         frame = sub.depacketizer.push(packet)
         if frame is None:
             return
+        if packet.e2ee is not None:
+            assert self.e2ee is not None
+            key_index, iv = packet.e2ee  # the same on every packet of the frame
+            try:
+                plain = self.e2ee.decrypt(iv, frame.payload, key_index)
+            except DecryptError as exc:
+                self._counters.inc("data_tracks.e2ee_dropped")
+                self._reject_encrypted(sub, f"it does not decrypt: {exc}")
+                return
+            frame = DataTrackFrame(plain, frame.user_timestamp)
         if not sub.track_name:
             sub.track_name = next(
                 (i.name for _p, _s, i in self._remote_tracks() if i.sid == sub.track_sid), ""
@@ -602,6 +638,17 @@ class DataTrackManager:
                 frame=frame,
             )
         )
+
+    def _reject_encrypted(self, sub: _Subscribed, why: str) -> None:
+        if not self._e2ee_rejected_logged:
+            self._e2ee_rejected_logged = True
+            log.warning(
+                "data tracks: dropped end-to-end encrypted frames of %r's track %r: %s "
+                "(counted as data_tracks.e2ee_dropped; logged once per room)",
+                sub.publisher_identity,
+                sub.track_name,
+                why,
+            )
 
 
 def _log_send_failure(future: asyncio.Future[None]) -> None:

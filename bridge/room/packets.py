@@ -56,8 +56,13 @@ def decode(data: bytes | str, channel: str, counters: Counters) -> models.DataPa
     return packet
 
 
-def received_user_packet(packet: models.DataPacket, kind: DataPacketKind) -> DataPacket:
-    """Our `DataPacket` view of a received `user` packet."""
+def received_user_packet(
+    packet: models.DataPacket, kind: DataPacketKind, encrypted: bool = False
+) -> DataPacket:
+    """Our `DataPacket` view of a received `user` packet.
+
+    `encrypted`: it came end-to-end encrypted (see `bridge.room.e2ee`).
+    """
     user = packet.user
     return DataPacket(
         data=user.payload,
@@ -66,6 +71,7 @@ def received_user_packet(packet: models.DataPacket, kind: DataPacketKind) -> Dat
         participant_sid=packet.participant_sid,
         topic=user.topic if user.HasField("topic") else None,
         destination_identities=tuple(packet.destination_identities),
+        encrypted=encrypted,
     )
 
 

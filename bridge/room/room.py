@@ -38,6 +38,7 @@ from livekit.protocol import models, rtc
 from bridge.room.data_tracks import DATA_TRACK_LABEL, DataTrackManager
 from bridge.room.datachannel import FlowControlledChannel
 from bridge.room.delivery import Delivery
+from bridge.room.e2ee import DataCryptor, DecryptError
 from bridge.room.errors import (
     ConnectError,
     NotConnectedError,
@@ -78,6 +79,7 @@ E = TypeVar("E")
 
 _STREAM_KINDS = frozenset({"stream_header", "stream_chunk", "stream_trailer"})
 _RPC_KINDS = frozenset({"rpc_request", "rpc_ack", "rpc_response"})
+_RPC_REPLIES = frozenset({"rpc_ack", "rpc_response"})
 # Seconds to wait for a lost session's peer connections to close before rejoining anyway,
 # and for any still closing when the room itself closes.
 CLOSE_GRACE = 2.0
@@ -115,6 +117,10 @@ class RoomOptions:
     capabilities: Sequence[int] = field(
         default_factory=lambda: [models.ClientInfo.Capability.CAP_COMPRESSION_DEFLATE_RAW]
     )
+    # The room's E2EE shared key (`bridge.room.e2ee`): packets and streams we send are
+    # encrypted, encrypted ones we receive decrypted. None: encrypted packets are rejected
+    # (counted `rejected.encrypted`), ours go out in the clear.
+    e2ee: DataCryptor | None = None
 
 
 class _Session:
@@ -180,6 +186,7 @@ class Room:
             post_event=self._post_event,
             remote_tracks=self._remote_data_tracks,
             request_timeout=lambda: self.options.state_update_timeout,
+            e2ee=self.options.e2ee,
         )
         self.local_participant = LocalParticipant(
             info=lambda: self._state.local,
@@ -191,6 +198,8 @@ class Room:
             data_tracks=self._data_tracks,
         )
         self._deduper = ReceiveDeduper()
+        self._e2ee = self.options.e2ee
+        self._encrypted_rejected_logged = False
         self._session: _Session | None = None
         # "auto" found the server without `/rtc/v1`: its rejoins go to `/rtc` straight away.
         self._single_pc_unsupported = False
@@ -451,6 +460,8 @@ class Room:
 
     async def send_packet(self, packet: models.DataPacket, *, reliable: bool = True) -> None:
         """Send one DataPacket on the reliable or lossy channel (see `PacketTransport`)."""
+        if self._e2ee is not None:
+            packet = self._seal(self._e2ee, packet)
         if reliable:
             await self._send_reliable(packet, track=False)
         else:
@@ -466,9 +477,24 @@ class Room:
         raises `NotConnectedError` (retriable) when the session is lost first, at the moment it
         is lost (the packet may still have arrived: resending gives at least once).
         """
+        if self._e2ee is not None:
+            packet = self._seal(self._e2ee, packet)
         delivery = await self._send_reliable(packet, track=True)
         assert delivery is not None
         return delivery
+
+    def _seal(self, cryptor: DataCryptor, packet: models.DataPacket) -> models.DataPacket:
+        """`packet` encrypted (an E2EE room), except RPC replies to the server.
+
+        A server-initiated call (`RoomService.PerformRpc`) comes in the clear from an identity
+        that is no participant, and the server reads the ack and response itself: encrypted,
+        the call would only time out (the Rust SDK's `publish_data` encrypts them all).
+        """
+        if packet.WhichOneof("value") in _RPC_REPLIES:
+            remote, to = self._state.remote_participants, packet.destination_identities
+            if to and not any(identity in remote for identity in to):
+                return packet
+        return cryptor.seal(packet)
 
     async def _send_reliable(self, packet: models.DataPacket, *, track: bool) -> Delivery | None:
         session = self._require_session()
@@ -695,9 +721,15 @@ class Room:
             self.counters.inc("packets.duplicate")
             return
         which = packet.WhichOneof("value")
+        encrypted = which == "encrypted_packet"
+        if encrypted:
+            opened = self._open_encrypted(packet)
+            if opened is None:
+                return
+            packet, which = opened, opened.WhichOneof("value")
         if which == "user":
             self.counters.inc("packets.received")
-            self._post_event(DataReceived(received_user_packet(packet, kind)))
+            self._post_event(DataReceived(received_user_packet(packet, kind, encrypted)))
         elif which in _STREAM_KINDS:
             if self._is_protocol_stream(packet, which):
                 # RPC v2 travels as lk.rpc_* streams: keep it off the path where a slow
@@ -713,6 +745,28 @@ class Room:
         else:
             self.counters.inc(f"packets.unhandled.{which}")
             log.debug("room: ignored a %s data packet", which)
+
+    def _open_encrypted(self, packet: models.DataPacket) -> models.DataPacket | None:
+        """The plain packet inside an encrypted one; None (counted, logged once) if we cannot."""
+        if self._e2ee is not None:
+            try:
+                return self._e2ee.open(packet)
+            except DecryptError as exc:
+                why = f"it does not decrypt: {exc}"
+        else:
+            why = "this room has no E2EE key configured (livekit.e2ee)"
+        # Never forwarded as garbage: the ciphertext means nothing to a bus.
+        self.counters.inc("rejected.encrypted")
+        if not self._encrypted_rejected_logged:
+            self._encrypted_rejected_logged = True
+            log.warning(
+                "room %r: dropped an end-to-end encrypted packet from %r: %s (every such "
+                "packet is counted as rejected.encrypted; this is logged once per room)",
+                self._state.room.name,
+                packet.participant_identity,
+                why,
+            )
+        return None
 
     def _is_protocol_stream(self, packet: models.DataPacket, which: str) -> bool:
         if which == "stream_header":

@@ -57,6 +57,8 @@ class DataPacket:
     participant_sid: str
     topic: str | None = None
     destination_identities: tuple[str, ...] = ()
+    # It came end-to-end encrypted (an E2EE room, `bridge.room.e2ee`) and we decrypted it.
+    encrypted: bool = False
 
 
 # Upper bounds (seconds) of the latency histograms' buckets: from a fast loopback hop (~1 ms)

@@ -44,6 +44,7 @@ from bridge.endpoint import Endpoint, Sink, Source, Subscriber
 from bridge.envelope import Envelope, Outbound
 from bridge.errors import ConnectorError
 from bridge.retry import CONNECT_MAX, delay
+from bridge.room.e2ee import DataCryptor
 from bridge.room.errors import RoomError
 from bridge.room.server_api import ServerApi, mint_token
 from bridge.room.types import Counters
@@ -146,6 +147,16 @@ class Bridge:
         lk = config.livekit
         self.server_api = (
             ServerApi(lk.url, lk.api_key, lk.api_secret) if lk.api_key and lk.api_secret else None
+        )
+        # Derived once (PBKDF2 takes a while) and shared by every room's sessions.
+        self.e2ee = (
+            DataCryptor(
+                lk.e2ee.key(),
+                ratchet_salt=lk.e2ee.ratchet_salt.encode("utf-8"),
+                key_derivation=lk.e2ee.key_derivation,
+            )
+            if lk.e2ee is not None
+            else None
         )
         self.publisher = Publisher(self.counters)
         self._rate_specs = rate_specs(config.connectors)  # by route; again on every reload
@@ -654,6 +665,7 @@ class Bridge:
             self.counters,
             renew_token=lk.token is None,
             single_peer_connection=lk.single_peer_connection,
+            e2ee=self.e2ee,
             evicted=self.ownership.evicted if self.ownership is not None else None,
         )
         events = RoomEvents(link, self.outboxes, self.counters)

@@ -17,6 +17,7 @@ from typing import Literal
 from livekit.protocol import models
 
 from bridge.retry import CONNECT_MAX, delay
+from bridge.room.e2ee import DataCryptor
 from bridge.room.errors import ConnectError
 from bridge.room.events import Disconnected
 from bridge.room.room import Room, RoomOptions
@@ -44,11 +45,13 @@ class RoomLink:
         joined: Sequence[Joined] = (),
         renew_token: bool = True,
         single_peer_connection: bool | Literal["auto"] = "auto",
+        e2ee: DataCryptor | None = None,
         evicted: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self.name = name
         self.url = url
         self._single_pc = single_peer_connection  # `livekit.single_peer_connection`
+        self._e2ee = e2ee  # `livekit.e2ee`
         self._token = token
         self._renew = renew_token  # False for a ready-made token: rejoin with refresh tokens
         self.counters = counters
@@ -73,7 +76,7 @@ class RoomLink:
         """Join, and rejoin with backoff whenever the room is lost, until stopped."""
         attempt = 0
         while not self.stopping:
-            room = Room(RoomOptions(single_peer_connection=self._single_pc))
+            room = Room(RoomOptions(single_peer_connection=self._single_pc, e2ee=self._e2ee))
             for attach in self._attach:
                 attach(self, room)
             closed: list[Disconnected] = []
