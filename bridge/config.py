@@ -456,6 +456,12 @@ class ByteStreamFrom(_Model):
     )
 
 
+class DataTrackFrom(_Model):
+    """Frames of the data tracks other participants publish (lossy; docs/data-tracks.md)."""
+
+    name: str = Field("*", description="Glob on the track name, e.g. telemetry-*")
+
+
 class AttributesFrom(_Model):
     """Participant attribute changes (one message per changed key)."""
 
@@ -527,6 +533,9 @@ class RoomFrom(_Model):
     packet: PacketFrom | None = None
     text_stream: TextStreamFrom | None = None
     byte_stream: ByteStreamFrom | None = None
+    data_track: DataTrackFrom | None = Field(
+        None, description="Frames of remote data tracks (subscribed as they are published)"
+    )
     attributes: AttributesFrom | None = None
     metadata: NothingMore | None = Field(None, description="Participant metadata changes")
     room_metadata: NothingMore | None = Field(None, description="Room metadata changes")
@@ -553,6 +562,7 @@ ROOM_KINDS = (
     "packet",
     "text_stream",
     "byte_stream",
+    "data_track",
     "attributes",
     "metadata",
     "room_metadata",
@@ -643,6 +653,15 @@ class ByteStreamTo(_Model):
     destinations: list[str] = Field([], description="Identity templates; empty: whole room")
 
 
+class DataTrackTo(_Model):
+    """Push a frame on a data track the bridge publishes (lossy, at most once)."""
+
+    name: str = Field(
+        description="Track name template, e.g. telemetry-{device}: each name is published on"
+        " first use and kept (again after a rejoin)"
+    )
+
+
 class AttributeTo(_Model):
     """Set an attribute of the bridge participant (payload = value; empty deletes)."""
 
@@ -680,6 +699,7 @@ class RoomTo(_Model):
     packet: PacketTo | None = None
     text_stream: TextStreamTo | None = None
     byte_stream: ByteStreamTo | None = None
+    data_track: DataTrackTo | None = None
     attribute: AttributeTo | None = None
     room_metadata: NothingMore | None = Field(None, description="Payload becomes room metadata")
     participant_attribute: ParticipantAttributeTo | None = None
@@ -702,6 +722,7 @@ ROOM_TO_KINDS = (
     "packet",
     "text_stream",
     "byte_stream",
+    "data_track",
     "attribute",
     "room_metadata",
     "participant_attribute",
@@ -1483,6 +1504,7 @@ ROOM_KIND_PLACEHOLDERS = {
     "packet": ("topic",),
     "text_stream": ("topic", "stream_id"),
     "byte_stream": ("topic", "stream_id", "name", "mime_type"),
+    "data_track": ("track", "track_sid"),
     "attributes": ("key",),
     "metadata": (),
     "room_metadata": (),
@@ -1760,7 +1782,13 @@ def _rules_problems(connector: ConnectorConfig) -> Iterator[tuple[Path_, str]]:
         yield (key,), "room_metadata has no participant for allow/deny to judge"
     if isinstance(to, RoomTo):
         spec = getattr(to, to.kind)
-        if to.kind in ("attribute", "room_metadata") or (
+        if to.kind == "data_track":
+            yield (
+                (key,),
+                "on a bus-to-room connector allow/deny judge the destination identities: a"
+                " data_track target has none (its subscribers choose themselves)",
+            )
+        elif to.kind in ("attribute", "room_metadata") or (
             to.kind in ("packet", "text_stream", "byte_stream") and not spec.destinations
         ):
             yield (

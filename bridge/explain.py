@@ -90,7 +90,11 @@ def _endpoint(spec: MqttFrom | KafkaFrom | RoomFrom | MqttTo | KafkaTo | RoomTo)
     if isinstance(spec, RoomFrom):
         kind = spec.kind
         detail = getattr(spec, kind)
-        what = getattr(detail, "topic", None) or getattr(detail, "keys", None)
+        what = (
+            getattr(detail, "topic", None)
+            or getattr(detail, "keys", None)
+            or getattr(detail, "name", None)
+        )
         if kind == "rpc":
             what = ",".join(spec.rpc.methods)  # type: ignore[union-attr]
         who = "" if spec.participant == "*" else f" from {spec.participant}"
@@ -100,6 +104,7 @@ def _endpoint(spec: MqttFrom | KafkaFrom | RoomFrom | MqttTo | KafkaTo | RoomTo)
     what = " ".join(
         f"{attr} {getattr(detail, attr)}"
         for attr in ("topic", "key", "identity", "destination", "method")
+        + (("name",) if kind == "data_track" else ())
         if getattr(detail, attr, None)
     )
     return f"room {spec.room} {kind}" + (f" {what}" if what else "")
@@ -114,6 +119,7 @@ _EVENT_KIND = {
     "packet": "packet-reliable",
     "text_stream": "text-stream",
     "byte_stream": "byte-stream",
+    "data_track": "data-track",
     "room_metadata": "room-metadata",
     "events": "room-event",
 }
@@ -206,6 +212,7 @@ def _render_to_room(
         "packet": f"packet topic {d.topic!r} ({'reliable' if d.reliable else 'lossy'})",
         "text_stream": f"text stream topic {d.topic!r}",
         "byte_stream": f"byte stream topic {d.topic!r} name {d.name!r}",
+        "data_track": f"a frame on data track {d.name!r}",
         "attribute": f"the bridge's attribute {d.key!r}",
         "room_metadata": "room metadata",
         "participant_attribute": f"attribute {d.key!r} of {d.identity!r}",

@@ -123,7 +123,8 @@ METRICS: tuple[MetricDef, ...] = (
     _route(
         "roombus_route_dropped_total",
         "Messages dropped by reason (a rejection without dead letter, a full buffer: overflow,"
-        " over the route's rate: rate_limited)",
+        " over the route's rate: rate_limited, a data-track frame the track could not take"
+        " now: data_track_full)",
         "dropped.{reason}",
         "reason",
     ),

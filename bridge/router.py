@@ -27,6 +27,7 @@ from bridge.config import (
     ByteStreamFrom,
     Config,
     ConnectorConfig,
+    DataTrackFrom,
     EventsFrom,
     KafkaFrom,
     KafkaTo,
@@ -63,7 +64,8 @@ MAX_JSON_DEPTH = 64
 class RoomMessage:
     """Something that happened in a room, ready to be mapped onto a bus route."""
 
-    # packet, text_stream, byte_stream, attributes, metadata, room_metadata, presence, events
+    # packet, text_stream, byte_stream, data_track, attributes, metadata, room_metadata,
+    # presence, events
     kind: str
     payload: bytes | None  # None: a deletion (attribute removed, participant left)
     values: Mapping[str, str]  # placeholder values: room, participant, topic, key, ...
@@ -247,6 +249,8 @@ class ToBusRoute:
             and values.get("kind") != f"packet-{spec.reliability}"
         ):
             return False
+        if isinstance(spec, DataTrackFrom):
+            return glob_match(spec.name, values.get("track", ""))
         if self.kind == "attributes":
             return glob_match(self.source.attributes.keys, values.get("key", ""))  # type: ignore[union-attr]
         return True
@@ -268,7 +272,9 @@ class RoomTarget:
     """Where a bus-to-room route delivers."""
 
     room: Template
-    kind: str  # packet, text_stream, byte_stream, attribute, room_metadata, participant_attribute
+    # packet, text_stream, byte_stream, data_track, attribute, room_metadata,
+    # participant_attribute
+    kind: str
     topic: Template | None = None
     destinations: tuple[Template, ...] = ()
     attributes: Mapping[str, Template] = field(default_factory=dict)

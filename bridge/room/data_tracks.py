@@ -411,6 +411,8 @@ class DataTrackManager:
         self._published: dict[int, LocalDataTrack] = {}
         # (publisher identity, track name) we want frames of.
         self._wanted: set[tuple[str, str]] = set()
+        # ... and predicates over (publisher identity, track name) choosing more of them.
+        self._wanted_matching: list[Callable[[str, str], bool]] = []
         self._session = _ManagerSession()
 
     # ----------------------------------------------------------- sessions
@@ -506,6 +508,26 @@ class DataTrackManager:
         self._wanted.add((publisher_identity, track_name))
         self.sync_subscriptions()
 
+    def subscribe_matching(self, match: Callable[[str, str], bool]) -> Callable[[], None]:
+        """Receive the frames of every track for which `match(identity, name)` is true.
+
+        As `subscribe`, for tracks published now, later, and again after rejoins. Returns a
+        function that forgets `match` (tracks already subscribed stay subscribed).
+        """
+        self._wanted_matching.append(match)
+        self.sync_subscriptions()
+
+        def forget() -> None:
+            with contextlib.suppress(ValueError):
+                self._wanted_matching.remove(match)
+
+        return forget
+
+    def _wants(self, identity: str, name: str) -> bool:
+        return (identity, name) in self._wanted or any(
+            match(identity, name) for match in self._wanted_matching
+        )
+
     def unsubscribe(self, publisher_identity: str, track_name: str) -> None:
         """Stop receiving that track's frames."""
         self._wanted.discard((publisher_identity, track_name))
@@ -521,10 +543,10 @@ class DataTrackManager:
     def sync_subscriptions(self) -> None:
         """Ask for every wanted track now visible and not yet requested in this session."""
         session = self._session
-        if session.channel is None or not self._wanted:
+        if session.channel is None or not (self._wanted or self._wanted_matching):
             return
         for identity, _sid, info in self._remote_tracks():
-            if (identity, info.name) in self._wanted and info.sid not in session.requested:
+            if info.sid not in session.requested and self._wants(identity, info.name):
                 session.requested.add(info.sid)
                 self._request_subscription(info.sid, subscribe=True)
 

@@ -297,6 +297,14 @@ class Room:
         """
         self._data_tracks.subscribe(publisher_identity, track_name)
 
+    def subscribe_data_tracks(self, match: Callable[[str, str], bool]) -> Callable[[], None]:
+        """Receive the frames of every data track for which `match(identity, name)` is true.
+
+        As `subscribe_data_track`: tracks published now or later, again after every rejoin.
+        Returns a function that forgets `match` (what it subscribed stays subscribed).
+        """
+        return self._data_tracks.subscribe_matching(match)
+
     def unsubscribe_data_track(self, publisher_identity: str, track_name: str) -> None:
         """Stop receiving that data track's frames."""
         self._data_tracks.unsubscribe(publisher_identity, track_name)

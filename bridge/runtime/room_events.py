@@ -1,12 +1,14 @@
 """Room events as `RoomMessage`s for the room-to-bus routes that want them.
 
 `RoomEvents` attaches to every `Room` a link creates and turns what happens there — data
-packets, text and byte streams, attribute and metadata changes, room metadata, participants
-joining and leaving, and (through `RoomActivity`) the room's own events — into `RoomMessage`s
-with provenance headers, offered to each route's `Outbox` whose filters they pass. Offering
-never blocks the room's event dispatch. At join the state found in the room (participants,
-attributes, metadata) is announced the same way, and a participant's published attribute state
-is cleared when it leaves (retained topic emptied, Kafka tombstone).
+packets, text and byte streams, frames of remote data tracks (subscribed as the tracks a
+`data_track` route matches are published, and again after rejoins), attribute and metadata
+changes, room metadata, participants joining and leaving, and (through `RoomActivity`) the
+room's own events — into `RoomMessage`s with provenance headers, offered to each route's
+`Outbox` whose filters they pass. Offering never blocks the room's event dispatch. At join the
+state found in the room (participants, attributes, metadata) is announced the same way, and a
+participant's published attribute state is cleared when it leaves (retained topic emptied,
+Kafka tombstone).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from bridge.envelope import (
     H_KIND,
@@ -25,7 +27,11 @@ from bridge.envelope import (
     H_STREAM_ID,
     H_TIMESTAMP,
     H_TOPIC,
+    H_TRACK,
+    H_TRACK_SID,
+    H_USER_TIMESTAMP,
 )
+from bridge.room.data_tracks import DataTrackFrameReceived
 from bridge.room.errors import RoomError
 from bridge.room.events import DataReceived
 from bridge.room.room import Room
@@ -65,6 +71,8 @@ class RoomEvents:
         self._listening: tuple[Room | None, set[str]] = (None, set())
         # What `events` routes publish: the room's, participants' and tracks' events.
         self.activity = RoomActivity(link.name, self._offer)
+        # Forgets the data-track subscription filter given to the current room.
+        self._forget_data_tracks: Callable[[], None] | None = None
 
     @property
     def room(self) -> Room | None:
@@ -83,6 +91,8 @@ class RoomEvents:
             self._listen(room)
             if room.isconnected and self._wants("events"):
                 self.activity.joined(room)  # a new events route: announce the room as it is
+            if self._forget_data_tracks is not None:
+                self._subscribe_data_tracks(room)  # the new routes may want more tracks
 
     def _wants(self, kind: str) -> bool:
         return any(o.route.kind == kind for o in self.routes)
@@ -113,6 +123,21 @@ class RoomEvents:
             room.on(RoomMetadataChanged, self._on_room_metadata)
         if "events" in kinds:
             self.activity.attach(room)
+        if "data_track" in kinds:
+            room.on(DataTrackFrameReceived, self._on_data_track)
+            self._subscribe_data_tracks(room)
+
+    def _subscribe_data_tracks(self, room: Room) -> None:
+        """Subscribe to the remote data tracks some `data_track` route wants (now and later)."""
+        if self._forget_data_tracks is not None:
+            self._forget_data_tracks()
+        self._forget_data_tracks = room.subscribe_data_tracks(self._wants_data_track)
+
+    def _wants_data_track(self, identity: str, name: str) -> bool:
+        probe = RoomMessage(
+            "data_track", None, {"room": self.name, "participant": identity, "track": name}, {}
+        )
+        return any(o.route.kind == "data_track" and o.route.wants(probe) for o in self.routes)
 
     async def joined(self, link: RoomLink, room: Room) -> None:
         """Announce the state found at join."""
@@ -196,6 +221,18 @@ class RoomEvents:
                 headers=self._headers(values, packet.topic),
             )
         )
+
+    async def _on_data_track(self, event: DataTrackFrameReceived) -> None:
+        room = self.room
+        if room is None:
+            return
+        identity = event.publisher_identity
+        values = self._values(room, identity, self._sender_sid(identity), "data-track")
+        values.update(track=event.track_name, track_sid=event.track_sid)
+        headers = self._headers(values) | {H_TRACK: event.track_name, H_TRACK_SID: event.track_sid}
+        if event.frame.user_timestamp is not None:
+            headers[H_USER_TIMESTAMP] = str(event.frame.user_timestamp)
+        self._offer(RoomMessage("data_track", event.frame.payload, values, headers))
 
     def _sender_sid(self, identity: str) -> str:
         return self.link.sender_sid(identity)

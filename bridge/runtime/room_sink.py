@@ -3,7 +3,10 @@
 `RoomSink.deliver` returns once livekit-server has the delivery: its SCTP acknowledgement covers
 the packet (for a stream, the trailer), the server confirmed the attribute change, or the server
 API answered (room metadata, another participant's attributes). Lossy packets are not tracked:
-they are at most once by nature. A room
+they are at most once by nature. Data-track frames neither: each track name is published on
+first use (and again once a rejoin ended the publication), then a frame is pushed or, when
+`LocalDataTrack.try_push` refuses it (channel congested or not open), dropped and counted
+``route.<name>.dropped.data_track_full``; either way the delivery is over. A room
 that is rejoining is waited for (a transient failure is never a rejection); what LiveKit
 refuses for good (too large for a packet with ``oversize: reject``, a state update the server
 refuses, invalid UTF-8 for text) raises `RejectedMessage`.
@@ -25,6 +28,7 @@ from bridge.envelope import H_CONTENT_TYPE, Envelope
 from bridge.errors import RejectedMessage
 from bridge.logs import RateLimitedLog
 from bridge.retry import delay
+from bridge.room.data_tracks import DataTrackError, DataTrackFrame, LocalDataTrack
 from bridge.room.delivery import Delivery
 from bridge.room.errors import (
     DataPacketTooLargeError,
@@ -56,6 +60,10 @@ class RoomSink:
         self.links = links
         self.server_api = server_api
         self.latch = latch  # keeps what latched routes delivered, for late joiners
+        # Our data tracks by (room, track name), published on first use; the lock makes the
+        # deliveries that need a track while it is being published wait for that publication.
+        self._tracks: dict[tuple[str, str], LocalDataTrack] = {}
+        self._publishing: dict[tuple[str, str], asyncio.Lock] = {}
 
     async def deliver(
         self, route: str, d: RoomDelivery, envelope: Envelope, rules: RouteRules | None = None
@@ -84,8 +92,10 @@ class RoomSink:
                         "denied", f"the route's allow/deny rules refuse destination {denied!r}"
                     )
             try:
-                await self._deliver_once(room, d, envelope)
-                self._delivered(link, route, d, envelope)
+                if await self._deliver_once(room, d, envelope):
+                    self._delivered(link, route, d, envelope)
+                else:
+                    counters.inc(f"route.{route}.dropped.data_track_full")
                 return
             except NotConnectedError:
                 pass  # the room is rejoining: wait for it and try again
@@ -149,8 +159,13 @@ class RoomSink:
         start = envelope.sent_at or envelope.received_at
         link.counters.observe(f"route.{route}.latency", max(0.0, time.time() - start))
 
-    async def _deliver_once(self, room: Room, d: RoomDelivery, envelope: Envelope) -> None:
+    async def _deliver_once(self, room: Room, d: RoomDelivery, envelope: Envelope) -> bool:
+        """Deliver `d` once; False: a data-track frame was dropped (lossy, not retried)."""
         lp = room.local_participant
+        if d.kind == "data_track":
+            assert d.name is not None
+            track = await self._data_track(room, d.room, d.name)
+            return track.try_push(DataTrackFrame(d.payload))
         if d.kind == "packet":
             try:
                 # Returns once livekit-server acknowledged the packet (SCTP), so the bus
@@ -162,7 +177,7 @@ class RoomSink:
                     topic=d.topic,
                     wait_delivered=True,
                 )
-                return
+                return True
             except DataPacketTooLargeError:
                 if not d.oversize_as_stream:
                     raise RejectedMessage(
@@ -206,6 +221,32 @@ class RoomSink:
         elif d.kind == "participant_attribute":
             assert d.identity is not None and d.key is not None
             await self._api().update_participant(d.room, d.identity, attributes={d.key: _text(d)})
+        return True
+
+    async def _data_track(self, room: Room, room_name: str, name: str) -> LocalDataTrack:
+        """Our data track `name` in `room`: published now if it is not (any more).
+
+        A publication ends with the session, so after a rejoin the next frame publishes the
+        track again. Raises `NotConnectedError` (the room is rejoining: the caller waits) or
+        `RejectedMessage` (the server refuses the name).
+        """
+        key = (room_name, name)
+        track = self._tracks.get(key)
+        if track is not None and track.is_published():
+            return track
+        lock = self._publishing.setdefault(key, asyncio.Lock())
+        async with lock:
+            track = self._tracks.get(key)
+            if track is not None and track.is_published():
+                return track  # published by the delivery we waited for
+            try:
+                track = await room.local_participant.publish_data_track(name)
+            except DataTrackError as exc:
+                if exc.retriable:
+                    raise
+                raise RejectedMessage("refused", str(exc)) from exc
+            self._tracks[key] = track
+            return track
 
     def _api(self) -> ServerApi:
         if self.server_api is None:

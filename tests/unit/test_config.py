@@ -127,7 +127,7 @@ BAD = [
     (
         BASE.replace('packet: {topic: "*"}}', "packet: {}, presence: {}}"),
         "bad.yaml:17: connectors[1].from: give exactly one of packet, text_stream, byte_stream, "
-        "attributes, metadata, room_metadata, presence, events, rpc (got 2)",
+        "data_track, attributes, metadata, room_metadata, presence, events, rpc (got 2)",
     ),
     # 14. invalid QoS
     (
