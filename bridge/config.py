@@ -21,6 +21,7 @@ import binascii
 import logging
 import os
 import re
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -205,6 +206,13 @@ class LiveKitConfig(_Model):
         " when the server does not offer it (livekit-server < 1.9.1 answers 404); true:"
         " single only (such a server refuses the join); false: always two",
     )
+    turn_ca_file: str | None = Field(
+        None,
+        description="A PEM file of CA certificates trusted, besides the system's, for the"
+        " certificates of turns: (TURN over TLS) servers the LiveKit server hands out; for a"
+        " TURN server with a certificate from a private CA. The ROOMBUS_TURN_CA_FILE"
+        " environment variable does the same when this is not set",
+    )
     e2ee: E2EEConfig | None = Field(
         None,
         description="End-to-end encryption with a shared key, as the SDKs' E2EE, of data"
@@ -218,6 +226,16 @@ class LiveKitConfig(_Model):
     def _url(cls, value: str) -> str:
         if not re.match(r"^(wss?|https?)://[^/\s]+", value):
             raise ValueError("expected ws://host:port, wss://, http:// or https://")
+        return value
+
+    @field_validator("turn_ca_file")
+    @classmethod
+    def _turn_ca_file(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ssl.create_default_context().load_verify_locations(cafile=value)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"cannot load CA certificates from {value!r}: {exc}") from None
         return value
 
     @field_validator("api_secret")

@@ -106,6 +106,9 @@ class RoomOptions:
     reconnect_max_delay: float = 30.0
     # ICE servers to use instead of the ones the server sends (None: the server's).
     ice_servers: Sequence[rtc.ICEServer] | None = None
+    # CA certificates (a PEM file) trusted besides the system's for `turns:` servers; None:
+    # `$ROOMBUS_TURN_CA_FILE`, if set.
+    turn_ca_file: str | None = None
     # Bounds of the inbound paths (events, stream packets, RPC packets), in items.
     event_queue_size: int = 10_000
     stream_queue_size: int = 4_096
@@ -619,6 +622,7 @@ class Room:
                 on_datachannel=lambda channel: self._on_datachannel(session, channel),
                 on_failed=lambda why: self._session_lost(session, why, True),
                 name=name,
+                turn_ca_file=self.options.turn_ca_file,
             )
 
         try:

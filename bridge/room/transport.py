@@ -105,6 +105,8 @@ class TurnServer:
     kind: Literal["udp", "tcp", "tls"]
     username: str | None
     password: str | None
+    # CA certificates trusted besides the system's for a "tls" server (`turn_ssl_context`).
+    ca_file: str | None = None
 
 
 def _ice_server_urls(server: RTCIceServer) -> list[str]:
@@ -152,8 +154,12 @@ def _turn_kind(parsed: dict[str, object]) -> Literal["udp", "tcp", "tls"] | None
     return None
 
 
-def turn_servers(config: RTCConfiguration) -> list[TurnServer]:
-    """The TURN servers of `config` (from `ice_configuration`), in the server's order."""
+def turn_servers(config: RTCConfiguration, ca_file: str | None = None) -> list[TurnServer]:
+    """The TURN servers of `config` (from `ice_configuration`), in the server's order.
+
+    `ca_file`: CA certificates trusted for `turns:` servers besides the system's (None:
+    `$ROOMBUS_TURN_CA_FILE`, if set).
+    """
     result = []
     for server in config.iceServers or []:
         for url in _ice_server_urls(server):
@@ -172,15 +178,15 @@ def turn_servers(config: RTCConfiguration) -> list[TurnServer]:
                     kind=kind,
                     username=server.username,
                     password=server.credential,
+                    ca_file=ca_file or os.environ.get(TURN_CA_FILE_ENV) or None,
                 )
             )
     return result
 
 
-def turn_ssl_context() -> ssl.SSLContext:
-    """The TLS context for `turns:` servers: the system's CAs, plus `$ROOMBUS_TURN_CA_FILE`."""
+def turn_ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """The TLS context for `turns:` servers: the system's CAs, plus those of `ca_file`."""
     context = ssl.create_default_context()
-    ca_file = os.environ.get(TURN_CA_FILE_ENV)
     if ca_file:
         context.load_verify_locations(cafile=ca_file)
     return context
@@ -197,7 +203,7 @@ async def _relay_candidate(connection: Any, component: int, server: TurnServer) 
         turn_server=(server.host, server.port),
         turn_username=server.username,
         turn_password=server.password,
-        turn_ssl=turn_ssl_context() if server.kind == "tls" else False,
+        turn_ssl=turn_ssl_context(server.ca_file) if server.kind == "tls" else False,
         turn_transport="udp" if server.kind == "udp" else "tcp",
     )
     # Its own foundation and a preference by path (relays of one server share an address).
@@ -316,13 +322,14 @@ class PeerTransport:
         on_datachannel: Callable[[RTCDataChannel], None],
         on_failed: Callable[[str], None],
         name: str | None = None,
+        turn_ca_file: str | None = None,
     ) -> None:
         self.target = target
         # For logs and task names: "publisher", "subscriber", or "single".
         self.name = name or rtc.SignalTarget.Name(target).lower()
         direct_receive.install()  # idempotent; the stock route on unknown aiortc/aioice versions
         self.pc = RTCPeerConnection(configuration=config)
-        self._turn = turn_servers(config)
+        self._turn = turn_servers(config, turn_ca_file)
         self.connected = asyncio.Event()
         self._counters = counters
         self._pending_candidates: list[dict[str, object]] = []

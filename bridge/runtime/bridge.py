@@ -665,6 +665,7 @@ class Bridge:
             self.counters,
             renew_token=lk.token is None,
             single_peer_connection=lk.single_peer_connection,
+            turn_ca_file=lk.turn_ca_file,
             e2ee=self.e2ee,
             evicted=self.ownership.evicted if self.ownership is not None else None,
         )

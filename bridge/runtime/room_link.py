@@ -45,6 +45,7 @@ class RoomLink:
         joined: Sequence[Joined] = (),
         renew_token: bool = True,
         single_peer_connection: bool | Literal["auto"] = "auto",
+        turn_ca_file: str | None = None,
         e2ee: DataCryptor | None = None,
         evicted: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
@@ -52,6 +53,7 @@ class RoomLink:
         self.url = url
         self._single_pc = single_peer_connection  # `livekit.single_peer_connection`
         self._e2ee = e2ee  # `livekit.e2ee`
+        self._turn_ca_file = turn_ca_file  # `livekit.turn_ca_file`
         self._token = token
         self._renew = renew_token  # False for a ready-made token: rejoin with refresh tokens
         self.counters = counters
@@ -76,7 +78,13 @@ class RoomLink:
         """Join, and rejoin with backoff whenever the room is lost, until stopped."""
         attempt = 0
         while not self.stopping:
-            room = Room(RoomOptions(single_peer_connection=self._single_pc, e2ee=self._e2ee))
+            room = Room(
+                RoomOptions(
+                    single_peer_connection=self._single_pc,
+                    turn_ca_file=self._turn_ca_file,
+                    e2ee=self._e2ee,
+                )
+            )
             for attach in self._attach:
                 attach(self, room)
             closed: list[Disconnected] = []

@@ -11,6 +11,7 @@ import aioice.ice
 import pytest
 from livekit.protocol import rtc
 
+from bridge.config import ConfigError, parse_config
 from bridge.room import transport
 from bridge.room.transport import (
     TURN_CA_FILE_ENV,
@@ -103,16 +104,46 @@ def test_turn_tls_trusts_the_system_and_the_configured_ca(
 
     ca = tmp_path / "ca.pem"
     ca.write_bytes(_ca_pem())
-    monkeypatch.setenv(TURN_CA_FILE_ENV, str(ca))
-    context = turn_ssl_context()
+    context = turn_ssl_context(str(ca))
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
     subjects = [cert["subject"] for cert in context.get_ca_certs()]
     assert ((("commonName", "roombus unit test CA"),),) in subjects
     assert len(subjects) == system + 1
 
-    monkeypatch.setenv(TURN_CA_FILE_ENV, str(tmp_path / "missing.pem"))
     with pytest.raises(FileNotFoundError):
-        turn_ssl_context()
+        turn_ssl_context(str(tmp_path / "missing.pem"))
+
+
+def test_the_turn_ca_file_comes_from_the_room_options_else_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = ice_configuration(_join().ice_servers)
+    monkeypatch.delenv(TURN_CA_FILE_ENV, raising=False)
+    assert {s.ca_file for s in turn_servers(config)} == {None}
+    assert {s.ca_file for s in turn_servers(config, "/etc/own-ca.pem")} == {"/etc/own-ca.pem"}
+    monkeypatch.setenv(TURN_CA_FILE_ENV, "/etc/env-ca.pem")
+    assert {s.ca_file for s in turn_servers(config)} == {"/etc/env-ca.pem"}
+    assert {s.ca_file for s in turn_servers(config, "/etc/own-ca.pem")} == {"/etc/own-ca.pem"}
+
+
+def test_livekit_turn_ca_file_must_hold_ca_certificates(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(_ca_pem())
+    head = (
+        'livekit: {url: "ws://127.0.0.1:7880", token: t, rooms: [r], turn_ca_file: "%s"}\n'
+        "mqtt: {plant: {host: 127.0.0.1}}\n"
+        "connectors:\n"
+        '  - {name: a, from: {mqtt: plant, topic: "x/{room}"}, to: {room: "{room}", packet: {}}}\n'
+    )
+    config = parse_config(head % ca, "test.yaml")
+    assert config.livekit.turn_ca_file == str(ca)
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    for path in (tmp_path / "missing.pem", bad):
+        with pytest.raises(ConfigError) as caught:
+            parse_config(head % path, "test.yaml")
+        message = str(caught.value)
+        assert "livekit.turn_ca_file" in message and str(path) in message, message
 
 
 def _ca_pem() -> bytes:
