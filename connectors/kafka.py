@@ -16,7 +16,9 @@ line when the cluster becomes unreachable and one when it is reachable again.
 `acks=all` by default); while the cluster is unreachable (or not connected yet) it waits and
 retries until the settings' `delivery_timeout` runs out (or the caller cancels) and then raises
 a retriable error — it never reports success without an ack. Concurrent publishes share batches
-(``linger``) and keep their call order per partition.
+(``linger``) and keep their call order per partition, also when the sink appends records again
+after a failure (batches expired in an outage, a replaced producer): those go again in call
+order, and later publishes wait for them (``kafka.ordered_waits`` counts the waits).
 
 `KafkaSource.messages` yields records in partition order with an `ack` each; ``ack(rejection)``
 (a nack) settles the record like an ack (the commit moves past it) and counts
@@ -56,11 +58,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import itertools
 import logging
 import re
 import ssl
 import time
-import weakref
 from collections import Counter, deque
 from collections.abc import (
     AsyncIterator,
@@ -725,6 +727,78 @@ _TOO_LARGE: tuple[type[BaseException], ...] = (
 )
 
 
+# Lane mark of a publish whose record is not in the producer: not appended yet, or its append
+# failed and it is to be appended again.
+_UNSENT = -1
+
+
+class _Lane:
+    """The live publishes to one topic in call order, and the gate their re-sends go through.
+
+    Records of a topic are appended in call order (``lock``, held only while ``send`` appends).
+    After a failure that alone is not enough: the record is appended again, and must not land
+    after records of later calls. So a lane tracks, for each live publish (by call sequence,
+    oldest first), the ``epoch`` of its latest append, or ``_UNSENT``. Every retried failure
+    in the lane and every change of producer starts a new epoch and puts the lane in
+    ``ordering`` mode: then a publish may append (first time or again) only once every older
+    live publish of the lane appended *in the current epoch* (after the last failure, on the
+    current producer), or settled. An older one still in flight from before may yet fail and
+    go again; it is waited for. Waiters get their turn oldest first (`advance`), so re-sends
+    are appended in call order. Once every live publish appended in the current epoch, the
+    lane is out of ordering mode: publishes append at once again (the hot path, no waiting).
+    """
+
+    __slots__ = ("calls", "epoch", "lock", "ordering", "turns")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.calls: dict[int, int] = {}  # live publishes, oldest first: epoch of their append
+        self.turns: dict[int, asyncio.Future[None]] = {}  # publishes waiting for their turn
+        self.epoch = 0
+        self.ordering = False
+
+    def disturbed(self) -> None:
+        """A failure or a new producer: what is in flight may not land; order from here."""
+        self.epoch += 1
+        self.ordering = True
+
+    def failed(self, call: int) -> None:
+        """`call`'s record did not make it: it is to be appended again."""
+        self.calls[call] = _UNSENT
+        self.disturbed()
+
+    def may_append(self, call: int) -> bool:
+        """Whether every older live publish appended in the current epoch."""
+        epoch = self.epoch
+        for other, mark in self.calls.items():
+            if other == call:
+                return True
+            if mark != epoch:
+                return False
+        return True
+
+    def advance(self) -> None:
+        """Give the oldest publish not appended in this epoch its turn, if it waits for it.
+
+        When every live publish appended in this epoch, ordering mode ends.
+        """
+        epoch = self.epoch
+        for call, mark in self.calls.items():
+            if mark == epoch:
+                continue
+            turn = self.turns.get(call)
+            if turn is not None and not turn.done():
+                turn.set_result(None)
+            return
+        self.ordering = False
+
+    def wake(self) -> None:
+        """Wake every waiting publish (the sink's state changed): each looks again."""
+        for turn in self.turns.values():
+            if not turn.done():
+                turn.set_result(None)
+
+
 # ------------------------------------------------------------------------------------------ sink
 
 
@@ -739,8 +813,11 @@ class KafkaSink:
 
     Concurrent ``publish`` calls share the producer's batches (``linger``); records of one topic
     are appended in the order the calls were made, and with ``acks=all`` plus the idempotent
-    producer each partition keeps that order on the broker. A publish that fails and is retried
-    by its caller is a new append: it may land after later ones.
+    producer each partition keeps that order on the broker. That holds across failures inside
+    ``publish`` too (an outage long enough for batches to expire, a replaced producer): records
+    appended again are appended in call order, and later calls wait for them (`_Lane`). A
+    publish that fails and is retried by its caller is a new append: it may land after later
+    ones.
     """
 
     def __init__(self, name: str, settings: KafkaSettings) -> None:
@@ -757,11 +834,11 @@ class KafkaSink:
         self._connect_task: asyncio.Task[None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()  # replaced on every change of producer or state
-        # One lock per topic, held only while send() appends the record: call order = append
-        # order, even when send() has to wait (metadata, a full batch).
-        self._append_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
-            weakref.WeakValueDictionary()
-        )
+        # One lane per topic with live publishes: its lock, held only while send() appends the
+        # record, makes call order = append order, even when send() has to wait (metadata, a
+        # full batch); its gate keeps that order for records appended again after a failure.
+        self._lanes: dict[str, _Lane] = {}
+        self._calls = itertools.count()  # call sequence of publishes
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -817,6 +894,7 @@ class KafkaSink:
     def _install(self, producer: AIOKafkaProducer) -> None:
         self._producer = producer
         self._generation += 1
+        self._producer_changed()
         self._reach.up()
         if self._probe_task is None:
             self._probe_task = asyncio.create_task(
@@ -832,6 +910,14 @@ class KafkaSink:
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+        for lane in self._lanes.values():
+            lane.wake()
+
+    def _producer_changed(self) -> None:
+        # What is in flight on the old producer may still fail: nothing on the new one may
+        # overtake it.
+        for lane in self._lanes.values():
+            lane.disturbed()
 
     async def _connect_in_background(self) -> None:
         try:
@@ -881,7 +967,7 @@ class KafkaSink:
         resetting the idempotent producer's sequence numbers, so after a long outage the broker
         answers every later batch with OUT_OF_ORDER_SEQUENCE_NUMBER. A new producer gets a new
         producer id; the records of the failed batches were reported failed and are retried by
-        their publishers.
+        their publishers, in call order (`_Lane`).
         """
         async with self._lock:
             if generation != self._generation or self._producer is None:
@@ -889,6 +975,7 @@ class KafkaSink:
             fresh = await self._new_producer(start_within)
             old, self._producer = self._producer, fresh
             self._generation += 1
+            self._producer_changed()
             self.counters["kafka.producer_reset"] += 1
             log.warning("%s: producer sequence state broken: replaced the producer", self.name)
             self._notify()
@@ -946,19 +1033,42 @@ class KafkaSink:
             k.lower() == H_CONTENT_TYPE for k, _ in message.headers
         ):
             headers.append((H_CONTENT_TYPE, message.content_type.encode()))
+        lane = self._lanes.get(message.topic)
+        if lane is None:
+            lane = self._lanes[message.topic] = _Lane()
+        call = next(self._calls)
+        lane.calls[call] = _UNSENT
+        try:
+            await self._deliver(lane, call, message, headers, what)
+        finally:
+            del lane.calls[call]
+            if not lane.calls:
+                if self._lanes.get(message.topic) is lane:
+                    del self._lanes[message.topic]
+            elif lane.ordering:
+                lane.advance()
+
+    async def _deliver(
+        self,
+        lane: _Lane,
+        call: int,
+        message: Outbound,
+        headers: list[tuple[str, bytes]],
+        what: str,
+    ) -> None:
+        """`publish` past the checks: append (in turn), wait for the ack, retry."""
         s = self.settings
         deadline = time.monotonic() + s.delivery_timeout
         attempt = 0
         last: BaseException | None = None
         while True:
-            attempt += 1
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.counters["kafka.delivery_timeout"] += 1
                 state = "" if self.connected else "; cluster unreachable"
                 raise KafkaDeliveryError(
                     f"{what} failed: no acknowledgement within {s.delivery_timeout:g} s "
-                    f"({attempt - 1} attempts{state}; last error: "
+                    f"({attempt} attempts{state}; last error: "
                     f"{_why(last) if last else 'none'})"
                 ) from last
             if self._fatal is not None:
@@ -972,18 +1082,39 @@ class KafkaSink:
                     async with asyncio.timeout(remaining):
                         await self._changed.wait()
                 continue
+            if lane.ordering and not lane.may_append(call):
+                # An older publish of the topic is to be appended (again) first.
+                self.counters["kafka.ordered_waits"] += 1
+                await self._wait_turn(lane, call, remaining)
+                continue
+            future: Awaitable[Any] | None = None
             try:
                 async with asyncio.timeout(remaining):
-                    lock = self._append_locks.get(message.topic)
-                    if lock is None:
-                        lock = self._append_locks[message.topic] = asyncio.Lock()
-                    async with lock:
-                        # Cancelling send() itself drops the record; once queued it may still
-                        # be written after we gave up, which at-least-once delivery allows.
-                        future = await producer.send(
-                            message.topic, message.payload, key=message.key, headers=headers
-                        )
-                    await future
+                    async with lane.lock:
+                        # Looked at again: an older publish may have failed in the meantime.
+                        if not lane.ordering or lane.may_append(call):
+                            attempt += 1
+                            epoch = lane.epoch
+                            try:
+                                # Cancelling send() itself drops the record; once queued it may
+                                # still be written after we gave up, which at-least-once allows.
+                                future = await producer.send(
+                                    message.topic, message.payload, key=message.key, headers=headers
+                                )
+                            except Exception:
+                                lane.failed(call)  # before the next one takes the lock
+                                raise
+                            # Appended in `epoch`; a failure during send() made that an old one.
+                            lane.calls[call] = epoch
+                            if lane.ordering:
+                                lane.advance()
+                    if future is None:
+                        continue
+                    try:
+                        await future
+                    except Exception:
+                        lane.failed(call)
+                        raise
             except TimeoutError as exc:
                 last = exc
                 continue
@@ -1041,6 +1172,17 @@ class KafkaSink:
             self.counters["kafka.publish_retry"] += 1
             log.debug("%s: attempt %d: %s; retrying", what, attempt, _why(last))
             await asyncio.sleep(min(s.retry_backoff, max(0.0, deadline - time.monotonic())))
+
+    async def _wait_turn(self, lane: _Lane, call: int, within: float) -> None:
+        """Wait (at most `within` seconds) until `call` may be appended, or the sink changed."""
+        turn = lane.turns[call] = asyncio.get_running_loop().create_future()
+        try:
+            lane.advance()  # it may be its turn already
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(within):
+                    await turn
+        finally:
+            del lane.turns[call]
 
     async def _cluster_reachable(self, producer: AIOKafkaProducer) -> bool:
         try:

@@ -22,8 +22,6 @@ import asyncio
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.faults.checker import Leg, Result
 from tests.faults.harness import (
     BridgeProc,
@@ -42,30 +40,19 @@ from tests.faults.harness import (
 )
 from tests.services import Kafka, LiveKitServer
 
-KNOWN_SINK_REORDER = (
-    "known bug: connectors/kafka.py KafkaSink.publish retries a failed record inside the call,"
-    " each call on its own after its own wait (retry_backoff; the call that replaces the"
-    " producer first waits for the old one to stop), so records whose batches expired during"
-    " the outage (older than request_timeout, 30 s) or failed when the producer was replaced"
-    " are appended again in the order those waits end, not in call order"
-)
-
 
 def order_verdict(r: Result, m: Metrics, bridge: BridgeProc) -> None:
     """Out of order 0 on room → Kafka (per key: one key, one partition; issue 10).
 
     The outbox keeps the order of what fails back to it (`bridge/runtime/outbox.py`: the
-    window closes, the failed messages are retried in order). Disorder while the outbox never
-    saw a failure (`roombus_route_retries_total` 0) can only have come from inside the Kafka
-    sink's own retries: an expected failure until connectors/kafka.py keeps the order of
-    those; any other disorder fails.
+    window closes, the failed messages are retried in order), and the Kafka sink that of the
+    records it appends again itself after the outage (connectors/kafka.py `KafkaSink.publish`:
+    in call order per topic): any disorder fails.
     """
     if r.out_of_order == 0:
         return
     retries = int(m.get("roombus_route_retries_total", route="up"))
     detail = f"{r.summary()}; the outbox retried {retries} publishes"
-    if retries == 0:
-        pytest.xfail(f"{KNOWN_SINK_REORDER}: {detail}")
     raise AssertionError(f"out of order {r.out_of_order}: {detail}\n{bridge.tail()}")
 
 
