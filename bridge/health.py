@@ -6,7 +6,8 @@
 * ``/metrics``: Prometheus text format, from the bridge's own registry (`bridge.metrics`).
 * ``/status``: JSON for people and the status page: the readiness, per route its direction,
   totals, message rates over the last ~10 s, buffer depth and in-flight, last error; rooms with
-  their participants; bus connections; recent errors; and the raw counters.
+  their participants; bus connections; recent errors; the raw counters; and with
+  `bridge.replicas` what this replica owns (`Ownership.snapshot`).
 * ``/``: the status page (``bridge/static/status.html``), which polls ``/status``.
 
 Rates come from a ring of samples of the route totals, one per `SAMPLE_EVERY` seconds, taken by
@@ -167,6 +168,7 @@ class HealthServer:
             ],
             counters=dict(sorted(bridge.counters.items())),
             reload=bridge.last_reload or None,
+            ownership=None if bridge.ownership is None else bridge.ownership.snapshot(),
         )
         return body
 

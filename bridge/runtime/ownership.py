@@ -147,6 +147,21 @@ class Ownership:
         self._lock = asyncio.Lock()  # one assignment change at a time
         self._acquiring: dict[str, asyncio.Task[None]] = {}
 
+    def snapshot(self) -> dict[str, object]:
+        """What this replica owns now, for ``/status`` (JSON-ready)."""
+        deliveries = self.deliveries
+        return {
+            "replica": self.replica,
+            "partitions": sorted(self.partitions),
+            "of_partitions": self.total,
+            "rebalancing": self.rebalancing,
+            "stopping": self.stopping,
+            "rooms_owned": sorted(self.owned),
+            "rooms_joining": sorted(self._acquiring),
+            "rooms_elsewhere": sorted(r for r in self.candidates if r not in self.owned),
+            "rooms_in_overlap": sorted(deliveries.overlapping) if deliveries else [],
+        }
+
     def owns(self, room: str) -> bool:
         """Whether the current assignment gives `room` to this replica."""
         return (

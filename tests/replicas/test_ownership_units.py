@@ -184,6 +184,12 @@ async def test_ownership_moves_on_assignments() -> None:
         await asyncio.sleep(0.05)
     owned = {r for r in rooms if room_partition(r, 4) in mine}
     assert {e[1:] for e in log if e.startswith("+")} == owned
+    snapshot = own.snapshot()  # what /status shows
+    assert snapshot["replica"] == "me" and snapshot["of_partitions"] == 4
+    assert snapshot["partitions"] == sorted(mine)
+    assert snapshot["rooms_owned"] == sorted(owned)
+    assert snapshot["rooms_elsewhere"] == sorted(set(rooms) - owned)
+    assert snapshot["rebalancing"] is False
     # A rebalance that keeps everything releases nothing.
     log.clear()
     await own.revoked(mine)
