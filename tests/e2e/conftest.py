@@ -18,6 +18,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from livekit import api, rtc
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -213,6 +214,23 @@ async def kafka_peer(kafka: Kafka) -> AsyncIterator[KafkaPeer]:
         for consumer in peer.consumers:
             await consumer.stop()
         await peer.producer.stop()
+
+
+async def kick_bridge(livekit: LiveKitServer, room: str, peer: rtc.Room) -> None:
+    """Remove the bridge from `room` (server API) and wait until `peer` sees it back, rejoined."""
+    first_sid = peer.remote_participants["bridge"].sid
+    async with api.LiveKitAPI(livekit.http_url, livekit.api_key, livekit.api_secret) as lkapi:
+        await lkapi.room.remove_participant(
+            api.RoomParticipantIdentity(room=room, identity="bridge")
+        )
+    await eventually(
+        lambda: (
+            "bridge" in peer.remote_participants
+            and peer.remote_participants["bridge"].sid != first_sid
+        ),
+        timeout=30,
+        what="the bridge back in the room with a new session",
+    )
 
 
 def unique(prefix: str) -> str:

@@ -9,10 +9,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import paho.mqtt.client as mqtt
-from livekit import api, rtc
+from livekit import rtc
 
 from bridge.runtime.bridge import Bridge
-from tests.e2e.conftest import MqttPeer, bridge_yaml, run_bridge
+from tests.e2e.conftest import MqttPeer, bridge_yaml, kick_bridge, run_bridge
 from tests.interop.conftest import eventually, sdk_peer
 from tests.services import LiveKitServer, Mosquitto
 
@@ -76,21 +76,7 @@ connectors:
                 # A lost session ends our publications: the next message publishes again.
                 room = bridge.links[room_name].room
                 assert room is not None
-                first_sid = dash.remote_participants["bridge"].sid
-                async with api.LiveKitAPI(
-                    livekit_server.http_url, livekit_server.api_key, livekit_server.api_secret
-                ) as lkapi:
-                    await lkapi.room.remove_participant(
-                        api.RoomParticipantIdentity(room=room_name, identity="bridge")
-                    )
-                await eventually(
-                    lambda: (
-                        "bridge" in dash.remote_participants
-                        and dash.remote_participants["bridge"].sid != first_sid
-                    ),
-                    timeout=30,
-                    what="the bridge back with a new session",
-                )
+                await kick_bridge(livekit_server, room_name, dash)
                 received.pop("telemetry-d1")
                 await _until(push_d1, lambda: bool(received.get("telemetry-d1")), "d1 again")
                 assert all(p.startswith(b"t=") for p in received["telemetry-d1"])

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from livekit import api, rtc
+from livekit import rtc
 
-from tests.e2e.conftest import MqttPeer, run_bridge, unique
+from tests.e2e.conftest import MqttPeer, kick_bridge, run_bridge, unique
 from tests.interop.conftest import eventually, sdk_peer
 from tests.services import LiveKitServer, Mosquitto
 
@@ -58,19 +58,5 @@ async def test_a_lost_room_is_rejoined(
         sdk_peer(livekit_server, room_name, "watcher") as watcher,
     ):
         await eventually(lambda: "bridge" in watcher.remote_participants, what="bridge in room")
-        first_sid = watcher.remote_participants["bridge"].sid
-        async with api.LiveKitAPI(
-            livekit_server.http_url, livekit_server.api_key, livekit_server.api_secret
-        ) as lkapi:
-            await lkapi.room.remove_participant(
-                api.RoomParticipantIdentity(room=room_name, identity="bridge")
-            )
-        await eventually(
-            lambda: (
-                "bridge" in watcher.remote_participants
-                and watcher.remote_participants["bridge"].sid != first_sid
-            ),
-            timeout=30,
-            what="the bridge back in the room with a new session",
-        )
+        await kick_bridge(livekit_server, room_name, watcher)
         assert bridge.counters["rooms.lost"] == 1
