@@ -45,6 +45,17 @@ export function makePeer(sdk, env) {
   room.on('participantConnected', (participant) => {
     emit({ event: 'joined', identity: participant.identity });
   });
+  // Data tracks (livekit-client only; @livekit/rtc-node 1.1.0 has none).
+  room.on('dataTrackPublished', (track) => {
+    emit({
+      event: 'data_track_published',
+      identity: track.publisherIdentity,
+      name: track.info.name,
+      sid: track.info.sid,
+    });
+  });
+  const localDataTracks = new Map();
+  const dataTrackReaders = new Map();
 
   // RPC methods the tests call on this peer.
   const rpcMethods = {
@@ -191,6 +202,90 @@ export function makePeer(sdk, env) {
           elapsed_ms: elapsed(),
         };
       }
+    },
+    async publish_data_track({ name }) {
+      const track = await lp().publishDataTrack({ name });
+      localDataTracks.set(name, track);
+      return { sid: track.info.sid, name: track.info.name };
+    },
+    // Push each frame (base64) in turn, `interval_ms` apart; a frame the SDK refuses (dropped,
+    // unpublished) is counted, not thrown. Returns how many were pushed and refused.
+    async push_data_track({ name, frames, interval_ms, user_timestamps }) {
+      const track = localDataTracks.get(name);
+      if (!track) {
+        throw new Error(`no local data track ${name}`);
+      }
+      let pushed = 0;
+      const refused = [];
+      for (let i = 0; i < frames.length; i++) {
+        const frame = { payload: env.b64decode(frames[i]) };
+        if (user_timestamps && user_timestamps[i] !== null) {
+          frame.userTimestamp = BigInt(user_timestamps[i]);
+        }
+        try {
+          await track.tryPush(frame);
+          pushed += 1;
+        } catch (e) {
+          refused.push(String(e && e.message ? e.message : e));
+        }
+        if (interval_ms) {
+          await sleep(interval_ms);
+        }
+      }
+      return { pushed, refused };
+    },
+    async unpublish_data_track({ name }) {
+      const track = localDataTracks.get(name);
+      localDataTracks.delete(name);
+      if (track) {
+        await track.unpublish();
+      }
+      return null;
+    },
+    // Subscribe to `identity`'s track `name` (waiting up to 15 s for it) and emit every frame
+    // read from it as a `data_track_frame` event.
+    async subscribe_data_track({ identity, name, buffer_size }) {
+      const deadline = Date.now() + 15000;
+      let track;
+      while (!track) {
+        track = room.remoteParticipants.get(identity)?.dataTracks.get(name);
+        if (!track) {
+          if (Date.now() > deadline) {
+            throw new Error(`no data track ${name} of ${identity} within 15 s`);
+          }
+          await sleep(20);
+        }
+      }
+      const abort = new AbortController();
+      const stream = track.subscribe({ signal: abort.signal, bufferSize: buffer_size ?? 1024 });
+      const key = `${identity}/${name}`;
+      dataTrackReaders.set(key, abort);
+      (async () => {
+        const reader = stream.getReader();
+        try {
+          for (;;) {
+            const { done, value } = await reader.read();
+            if (done) break;
+            emit({
+              event: 'data_track_frame',
+              from: identity,
+              name,
+              sid: track.info.sid,
+              data: env.b64encode(value.payload),
+              user_timestamp: value.userTimestamp === undefined ? null : value.userTimestamp.toString(),
+            });
+          }
+        } catch (e) {
+          emit({ event: 'data_track_error', from: identity, name, error: String(e) });
+        }
+      })();
+      return { sid: track.info.sid };
+    },
+    async unsubscribe_data_track({ identity, name }) {
+      const abort = dataTrackReaders.get(`${identity}/${name}`);
+      dataTrackReaders.delete(`${identity}/${name}`);
+      abort?.abort();
+      return null;
     },
   };
 
