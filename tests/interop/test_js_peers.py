@@ -4,10 +4,10 @@ Every test runs once per JS peer (`tests/interop/js_peers.py`): ``browser`` is l
 Debian's headless Chromium, ``node`` is @livekit/rtc-node (LiveKit's Rust core) in a Node
 process; both run `tests/js/peer_core.mjs`. Legs: data packets (reliable and lossy, topic,
 destinations) both ways, text streams (whole and incremental) both ways, byte streams by content
-hash both ways, attributes both ways, RPC both ways (success, application error with code,
-message and data, 1400, 1502), and through the whole bridge: packets and text streams to and
-from MQTT, attributes to retained MQTT, and the bus deadline a room-to-bus RPC route gives its
-backend for each kind of caller.
+hash both ways, attributes and metadata both ways, RPC both ways (success, application error
+with code, message and data, 1400, 1502), and through the whole bridge: packets and text
+streams to and from MQTT, attributes to retained MQTT, and the bus deadline a room-to-bus RPC
+route gives its backend for each kind of caller.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from bridge.room.errors import RpcError
 from bridge.room.events import DataReceived
 from bridge.room.room import Room
 from bridge.room.rpc import RpcInvocationData
-from bridge.room.state import ParticipantAttributesChanged
+from bridge.room.state import ParticipantAttributesChanged, ParticipantMetadataChanged
 from bridge.room.types import DataPacketKind
 from tests.e2e.conftest import MqttPeer, bridge_yaml, run_bridge
 from tests.interop.conftest import eventually, our_peer
@@ -336,6 +336,35 @@ async def test_attributes_both_ways(
         )
         remote = [c for c in changes if c.identity == "js"]
         assert [c.changed for c in remote] == [{"mood": "ok", "x": "1"}, {"x": ""}]
+
+
+async def test_metadata_both_ways(
+    livekit_server: LiveKitServer, room_name: str, tmp_path: Path, kind: str
+) -> None:
+    """Participant metadata set on each side is seen by the other (event and state)."""
+    changes: list[ParticipantMetadataChanged] = []
+
+    def setup(room: Room) -> None:
+        room.on(ParticipantMetadataChanged, changes.append)
+
+    async with (
+        our_peer(livekit_server, room_name, "ours", setup=setup) as ours,
+        js_peer(kind, livekit_server, room_name, "js", tmp_path) as js,
+    ):
+        await all_present(js, ours)
+        await ours.local_participant.set_metadata('{"role": "bridge"}')
+        got = await js.next_event("metadata", lambda e: e["identity"] == "ours")
+        assert got["metadata"] == '{"role": "bridge"}'
+        assert await js.run("metadata_of", identity="ours") == '{"role": "bridge"}'
+
+        # (rtc-node's updateMetadata resolves before its own participant shows the change.)
+        await js.run("set_metadata", metadata="js: ünïcode ✓")
+        await eventually(
+            lambda: ours.remote_participants["js"].metadata == "js: ünïcode ✓",
+            what="js's metadata at ours",
+        )
+        remote = [c for c in changes if c.identity == "js"]
+        assert [(c.old, c.new) for c in remote] == [("", "js: ünïcode ✓")]
 
 
 async def test_rpc_js_calls_ours(

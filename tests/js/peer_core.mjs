@@ -42,6 +42,11 @@ export function makePeer(sdk, env) {
       attributes: { ...participant.attributes },
     });
   });
+  // livekit-client passes (previous metadata, participant), @livekit/rtc-node (metadata,
+  // participant): read the participant's own field in both.
+  room.on('participantMetadataChanged', (_metadata, participant) => {
+    if (participant) emit({ event: 'metadata', identity: participant.identity, metadata: participant.metadata });
+  });
   room.on('participantConnected', (participant) => {
     emit({ event: 'joined', identity: participant.identity });
   });
@@ -161,6 +166,16 @@ export function makePeer(sdk, env) {
     async set_attributes({ attributes }) {
       await lp().setAttributes(attributes);
       return { ...lp().attributes };
+    },
+    async set_metadata({ metadata }) {
+      // livekit-client: setMetadata; @livekit/rtc-node: updateMetadata.
+      if (typeof lp().setMetadata === 'function') await lp().setMetadata(metadata);
+      else await lp().updateMetadata(metadata);
+      return lp().metadata;
+    },
+    async metadata_of({ identity }) {
+      const p = room.remoteParticipants.get(identity);
+      return p ? p.metadata ?? '' : null;
     },
     async attributes_of({ identity }) {
       const p = room.remoteParticipants.get(identity);
