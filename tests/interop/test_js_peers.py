@@ -5,9 +5,9 @@ Debian's headless Chromium, ``node`` is @livekit/rtc-node (LiveKit's Rust core) 
 process; both run `tests/js/peer_core.mjs`. Legs: data packets (reliable and lossy, topic,
 destinations) both ways, text streams (whole and incremental) both ways, byte streams by content
 hash both ways, attributes and metadata both ways, RPC both ways (success, application error
-with code, message and data, 1400, 1502), and through the whole bridge: packets and text
-streams to and from MQTT, attributes to retained MQTT, and the bus deadline a room-to-bus RPC
-route gives its backend for each kind of caller.
+with code, message and data, 1400, 1502, 1504 for a v1 caller), and through the whole bridge:
+packets and text streams to and from MQTT, attributes to retained MQTT, and the bus deadline a
+room-to-bus RPC route gives its backend for each kind of caller.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from paho.mqtt.properties import Properties
 
 from bridge.room.errors import RpcError
 from bridge.room.events import DataReceived
-from bridge.room.room import Room
+from bridge.room.room import Room, RoomOptions
 from bridge.room.rpc import RpcInvocationData
 from bridge.room.state import ParticipantAttributesChanged, ParticipantMetadataChanged
 from bridge.room.types import DataPacketKind
@@ -458,6 +458,41 @@ async def test_rpc_ours_calls_js(
         assert isinstance(slow, RpcError) and slow.code == RpcError.RESPONSE_TIMEOUT
         invocation = await js.next_event("rpc", lambda e: e["payload"] == TEXT)
         assert (invocation["caller"], invocation["method"]) == ("ours", "js.echo")
+
+
+async def test_rpc_response_too_large_for_a_v1_caller(
+    livekit_server: LiveKitServer, room_name: str, tmp_path: Path, kind: str
+) -> None:
+    """A caller that speaks only RPC v1 (``client_protocol`` 0) gets 1504 from livekit-client
+    for a response over 15 KiB; the Rust core (rtc-node) sends it whole anyway, and we take it.
+    The same call from a v2 caller gets the whole response (as a stream) from both."""
+    v1 = RoomOptions(client_protocol=0)
+    async with (
+        our_peer(livekit_server, room_name, "ours-v1", options=v1) as old,
+        our_peer(livekit_server, room_name, "ours-v2") as new,
+        js_peer(kind, livekit_server, room_name, "js", tmp_path) as js,
+    ):
+        await all_present(js, old, new)
+        await js.run("serve_rpc")
+
+        async def call(room: Room, size: int) -> str | RpcError:
+            try:
+                return await room.local_participant.perform_rpc(
+                    destination_identity="js", method="js.big", payload=str(size)
+                )
+            except RpcError as exc:
+                return exc
+
+        small, big_v1, big_v2 = await asyncio.gather(
+            call(old, 1_000), call(old, 20_000), call(new, 20_000)
+        )
+        assert small == "x" * 1_000
+        if kind == "browser":
+            assert isinstance(big_v1, RpcError), str(big_v1)[:80]
+            assert big_v1.code == RpcError.RESPONSE_PAYLOAD_TOO_LARGE
+        else:
+            assert big_v1 == "x" * 20_000
+        assert big_v2 == "x" * 20_000
 
 
 # --------------------------------------------------------------------------------------------

@@ -68,6 +68,8 @@ export function makePeer(sdk, env) {
     'js.fail': async () => {
       throw new sdk.RpcError(4001, 'js says no', '{"why": "busy"}');
     },
+    // A response of `payload` characters (too large for an RPC v1 response over 15 KiB).
+    'js.big': async (data) => 'x'.repeat(Number(data.payload)),
     'js.slow': async () => {
       await sleep(12000);
       return 'too late';
