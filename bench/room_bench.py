@@ -3,7 +3,8 @@
 Starts its own livekit-server (inside the test network namespace) and measures, for reliable
 256-byte data packets, the delivered message rate, latency (loaded: while saturating; paced: at a
 low fixed rate) and the largest gap between consecutive deliveries; and byte-stream throughput
-for one large file. Each case is run SDK→SDK (the baseline, official SDK on both ends),
+for one large file; and data-track frames (lossy: frames/s delivered and latency at a paced
+rate, and the share lost). Each case is run SDK→SDK (the baseline, official SDK on both ends),
 ours→SDK and SDK→ours; results are printed as a table with ratios to the baseline and
 optionally written as JSON.
 
@@ -38,6 +39,7 @@ from typing import Protocol
 from livekit import api, rtc
 
 from bridge.room import sctp
+from bridge.room.data_tracks import DataTrackFrame, DataTrackFrameReceived
 from bridge.room.events import DataReceived
 from bridge.room.room import Room
 from bridge.room.streams import ByteStreamReader
@@ -48,6 +50,7 @@ log = logging.getLogger("bench.room")
 MESSAGE_SIZE = 256
 TOPIC = "bench"
 FILE_TOPIC = "bench-file"
+TRACK = "bench-track"
 # Header of every benchmark message: send time (perf_counter) and sequence number.
 _HEAD = struct.Struct("!dI")
 
@@ -83,6 +86,14 @@ class SdkEnd:
         self.room = room
         self._window = window
         self._pending: set[asyncio.Task[None]] = set()
+        # Remote data tracks by (publisher, name), as the SDK announces them.
+        self._tracks: dict[tuple[str, str], rtc.RemoteDataTrack] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+        def published(track: rtc.RemoteDataTrack) -> None:
+            self._tracks[(track.publisher_identity, track.info.name)] = track
+
+        room.on("data_track_published", published)
 
     async def send(self, payload: bytes) -> None:
         publish = self.room.local_participant.publish_data(payload, topic=TOPIC)
@@ -124,6 +135,34 @@ class SdkEnd:
 
         self.room.register_byte_stream_handler(FILE_TOPIC, handler)
 
+    async def publish_track(self) -> Callable[[bytes], bool]:
+        """Publish the bench's data track; a function that pushes one frame (False: refused)."""
+        track = await self.room.local_participant.publish_data_track(name=TRACK)
+
+        def push(payload: bytes) -> bool:
+            try:
+                track.try_push(rtc.DataTrackFrame(payload=payload))
+            except Exception:  # noqa: BLE001 - the SDK's PushFrameError: refused, counted
+                return False
+            return True
+
+        return push
+
+    async def subscribe_track(self, publisher: str, callback: Callable[[bytes], None]) -> None:
+        """Subscribe to `publisher`'s bench track (waits for its publication)."""
+        deadline = time.monotonic() + 15
+        while (publisher, TRACK) not in self._tracks:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bench: no data track {TRACK!r} from {publisher} in 15 s")
+            await asyncio.sleep(0.05)
+        stream = self._tracks[(publisher, TRACK)].subscribe()
+
+        async def read() -> None:
+            async for frame in stream:
+                callback(frame.payload)
+
+        self._reader = asyncio.create_task(read(), name="bench-sdk-track")
+
 
 async def _consume(
     callback: Callable[[AsyncIterator[bytes]], Awaitable[None]], reader: AsyncIterator[bytes]
@@ -158,6 +197,20 @@ class OurEnd:
             await callback(reader)
 
         self.room.register_byte_stream_handler(FILE_TOPIC, handler)
+
+    async def publish_track(self) -> Callable[[bytes], bool]:
+        """Publish the bench's data track; a function that pushes one frame (False: refused)."""
+        track = await self.room.local_participant.publish_data_track(TRACK)
+        return lambda payload: track.try_push(DataTrackFrame(payload))
+
+    async def subscribe_track(self, publisher: str, callback: Callable[[bytes], None]) -> None:
+        """Subscribe to `publisher`'s bench track (now, or once it is published)."""
+
+        def handler(event: DataTrackFrameReceived) -> None:
+            callback(event.frame.payload)
+
+        self.room.on(DataTrackFrameReceived, handler)
+        self.room.subscribe_data_track(publisher, TRACK)
 
 
 def token(server: LiveKitServer, room: str, identity: str) -> str:
@@ -246,6 +299,9 @@ class _Collector:
         self.expect = 0
         self.first_seq = 0
         self.done = asyncio.Event()
+        # Lossy (data tracks): a gap is a loss, only an older frame after a newer one is out of
+        # order.
+        self.lossy = False
 
     def reset(self, expect: int, first_seq: int) -> None:
         self.latencies.clear()
@@ -261,9 +317,9 @@ class _Collector:
         sent_at, seq = _HEAD.unpack_from(data)
         if seq < self.first_seq:
             return  # a late message of an earlier phase
-        if seq != self.next_seq:
+        if seq < self.next_seq if self.lossy else seq != self.next_seq:
             self.out_of_order += 1
-        self.next_seq = seq + 1
+        self.next_seq = max(self.next_seq, seq + 1) if self.lossy else seq + 1
         self.seen += 1
         self.latencies.append(now - sent_at)
         self.arrivals.append(now)
@@ -271,9 +327,9 @@ class _Collector:
             self.done.set()
 
 
-def _payload(seq: int) -> bytes:
+def _payload(seq: int, size: int = MESSAGE_SIZE) -> bytes:
     head = _HEAD.pack(time.perf_counter(), seq)
-    return head + b"x" * (MESSAGE_SIZE - len(head))
+    return head + b"x" * (size - len(head))
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -346,6 +402,79 @@ async def bench_messages(
     return result
 
 
+# ----------------------------------------------------------------------------- data tracks
+
+
+@dataclass
+class TrackResult:
+    case: str
+    offered: float = 0.0  # frames/s pushed
+    pushed: int = 0
+    refused: int = 0  # try_push said no (the sender's queue is full)
+    received: int = 0
+    lost_pct: float = 0.0  # of the frames pushed, not received (dropped on the way)
+    rate: float = 0.0  # frames/s received over the push window
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    out_of_order: int = 0
+    cpu_us_per_frame: float = 0.0
+
+
+async def bench_data_track(
+    server: LiveKitServer, case: str, rate: float, duration: float, size: int
+) -> TrackResult:
+    """Frames of `size` bytes pushed at `rate` per second for `duration` s on one data track.
+
+    Data tracks are lossy: the server drops what would wait more than 100 ms; what counts is
+    how many arrive and how late. A warm-up phase pushes until frames arrive (the subscription
+    takes a round trip) and is not counted.
+    """
+    result = TrackResult(case, offered=rate)
+    async with pair(server, case) as (sender, receiver, _ours):
+        assert isinstance(sender, SdkEnd | OurEnd) and isinstance(receiver, SdkEnd | OurEnd)
+        collect = _Collector()
+        collect.lossy = True
+        publisher = sender.room.local_participant.identity
+        push = await sender.publish_track()
+        await receiver.subscribe_track(publisher, collect)
+        seq = 0
+        collect.reset(1, 0)
+        deadline = time.monotonic() + 15
+        while not collect.seen and time.monotonic() < deadline:
+            push(_payload(seq, size))
+            seq += 1
+            await asyncio.sleep(0.02)
+        if not collect.seen:
+            raise RuntimeError(f"bench: {case}: no data-track frame arrived in 15 s")
+        await asyncio.sleep(0.2)
+        first = seq
+        collect.reset(1 << 62, first)
+        collect.out_of_order = 0
+        cpu_start = time.process_time()
+        start = time.perf_counter()
+        interval = 1.0 / rate
+        while (now := time.perf_counter()) - start < duration:
+            due = int((now - start) / interval) + 1
+            while seq - first < due:
+                if push(_payload(seq, size)):
+                    result.pushed += 1
+                else:
+                    result.refused += 1
+                seq += 1
+            await asyncio.sleep(interval / 2)
+        window = time.perf_counter() - start
+        await asyncio.sleep(0.5)  # the last frames' way through
+        cpu = time.process_time() - cpu_start
+        result.received = collect.seen
+        result.lost_pct = 100.0 * (1 - collect.seen / max(result.pushed, 1))
+        result.rate = collect.seen / window
+        result.p50_ms = _pct(collect.latencies, 0.50)
+        result.p99_ms = _pct(collect.latencies, 0.99)
+        result.out_of_order = collect.out_of_order
+        result.cpu_us_per_frame = cpu / max(collect.seen, 1) * 1e6
+    return result
+
+
 # ----------------------------------------------------------------------------- byte streams
 
 
@@ -403,7 +532,11 @@ def _ratio(value: float, base: float) -> str:
     return f"{value / base:5.2f}x" if base else "   - "
 
 
-def report(messages: list[MessageResult], streams: list[StreamResult]) -> str:
+def report(
+    messages: list[MessageResult],
+    streams: list[StreamResult],
+    tracks: list[TrackResult] | None = None,
+) -> str:
     lines = []
     base = next((m for m in messages if m.case == "sdk->sdk"), None)
     if messages:
@@ -429,6 +562,19 @@ def report(messages: list[MessageResult], streams: list[StreamResult]) -> str:
                 f"{s.case:<16} {s.mb_per_s:7.2f} "
                 f"{_ratio(s.mb_per_s, sbase.mb_per_s if sbase else 0):>6} "
                 f"{s.seconds:8.2f} {s.intact!s:>7}"
+            )
+    tbase = next((t for t in tracks or [] if t.case == "sdk->sdk"), None)
+    if tracks:
+        lines.append("")
+        lines.append(
+            f"{'data track':<16} {'frames/s':>9} {'ratio':>6} {'offered':>8} {'lost %':>7} "
+            f"{'refused':>7} {'p50/p99 ms':>15} {'cpu us/frame':>12} {'ooo':>4}"
+        )
+        for t in tracks:
+            lines.append(
+                f"{t.case:<16} {t.rate:9.0f} {_ratio(t.rate, tbase.rate if tbase else 0):>6} "
+                f"{t.offered:8.0f} {t.lost_pct:7.2f} {t.refused:7d} "
+                f"{t.p50_ms:7.2f}/{t.p99_ms:<7.2f} {t.cpu_us_per_frame:12.0f} {t.out_of_order:4d}"
             )
     return "\n".join(lines)
 
@@ -474,6 +620,7 @@ async def run(args: argparse.Namespace) -> int:
         await asyncio.to_thread(server.start)
         messages: list[MessageResult] = []
         streams: list[StreamResult] = []
+        tracks: list[TrackResult] = []
         try:
             if not args.no_messages:
                 for case, stock in _variants(cases, args.compare_stock):
@@ -498,10 +645,17 @@ async def run(args: argparse.Namespace) -> int:
                     sresult.case += " stock" if stock else ""
                     streams.append(sresult)
                     print(report([], [streams[-1]]), flush=True)
+            if args.track_rate > 0:
+                for case in cases:
+                    tresult = await bench_data_track(
+                        server, case, args.track_rate, args.duration, args.track_size
+                    )
+                    tracks.append(tresult)
+                    print(report([], [], [tracks[-1]]), flush=True)
         finally:
             await asyncio.to_thread(server.stop)
     print()
-    print(report(messages, streams))
+    print(report(messages, streams, tracks))
     if args.json:
         out = {
             "python": sys.version.split()[0],
@@ -511,6 +665,9 @@ async def run(args: argparse.Namespace) -> int:
             "sctp_patched": sctp.is_installed(),
             "messages": [asdict(m) for m in messages],
             "streams": [asdict(s) for s in streams],
+            "data_tracks": [asdict(t) for t in tracks],
+            "track_rate": args.track_rate,
+            "track_size": args.track_size,
         }
         base = next((m for m in messages if m.case == "sdk->sdk"), None)
         sbase = next((s for s in streams if s.case == "sdk->sdk"), None)
@@ -519,7 +676,11 @@ async def run(args: argparse.Namespace) -> int:
         for s in out["streams"]:
             s["ratio"] = s["mb_per_s"] / sbase.mb_per_s if sbase and sbase.mb_per_s else None
         await asyncio.to_thread(Path(args.json).write_text, json.dumps(out, indent=2))
-    bad = [m for m in messages if m.lost or m.out_of_order] + [s for s in streams if not s.intact]
+    bad: list[MessageResult | StreamResult | TrackResult] = [
+        m for m in messages if m.lost or m.out_of_order
+    ]
+    bad += [s for s in streams if not s.intact]
+    bad += [t for t in tracks if t.out_of_order or not t.received]
     return 1 if bad else 0
 
 
@@ -529,6 +690,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per message case")
     parser.add_argument("--file-mb", type=float, default=20.0, help="byte stream size (0: skip)")
     parser.add_argument("--no-messages", action="store_true", help="skip the message cases")
+    parser.add_argument(
+        "--track-rate", type=float, default=200.0, help="data-track frames/s (0: skip)"
+    )
+    parser.add_argument("--track-size", type=int, default=256, help="data-track frame bytes")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument(
         "--sdk-window", type=int, default=4, help="SDK publish_data calls kept in flight"
