@@ -120,7 +120,7 @@ _HeldItem = tuple[ToRoomRoute, Envelope, dict[str, str], _Ticket]
 class _Sent:
     """A packet a lane queued and has in flight (see "Pipelined lanes" above)."""
 
-    __slots__ = ("delivery", "envelope", "inbound", "packet", "route", "values")
+    __slots__ = ("delivery", "inbound", "packet", "route", "values")
 
     def __init__(
         self,
@@ -131,7 +131,6 @@ class _Sent:
         delivery: Delivery,
     ) -> None:
         self.inbound = inbound
-        self.envelope = inbound.message
         self.route = route
         self.values = values
         self.packet = packet
@@ -379,7 +378,7 @@ class BusPump:
                 for item in again:
                     try:
                         ok, why = await self._deliver_guarded(
-                            item.route, item.envelope, item.values
+                            item.route, item.inbound.message, item.values
                         )
                         if ok:
                             await item.inbound.ack(why)
@@ -390,7 +389,7 @@ class BusPump:
             progressed = True
             try:
                 self.counters.inc(f"route.{head.route.name}.delivered")
-                self.room_sink.confirmed(head.route.name, head.packet, head.envelope)
+                self.room_sink.confirmed(head.route.name, head.packet, head.inbound.message)
                 await head.inbound.ack()
             finally:
                 self._settled()
