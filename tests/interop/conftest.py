@@ -71,3 +71,21 @@ async def private_livekit_server(workdir: Path) -> AsyncIterator[LiveKitServer]:
         yield server
     finally:
         await asyncio.to_thread(server.stop)
+
+
+@asynccontextmanager
+async def sdk_frames(remote: rtc.RemoteDataTrack) -> AsyncIterator[list[rtc.DataTrackFrame]]:
+    """Subscribe the SDK to `remote`; the frames it reads, appended as they arrive."""
+    stream = remote.subscribe()
+    received: list[rtc.DataTrackFrame] = []
+
+    async def read() -> None:
+        async for frame in stream:
+            received.append(frame)
+
+    reader = asyncio.create_task(read())
+    try:
+        yield received
+    finally:
+        stream.close()
+        reader.cancel()

@@ -28,7 +28,7 @@ from bridge.room.data_tracks import (
 )
 from bridge.room.room import Room, RoomOptions
 from bridge.room.types import Counters
-from tests.interop.conftest import eventually, our_peer, sdk_peer
+from tests.interop.conftest import eventually, our_peer, sdk_frames, sdk_peer
 from tests.services import LiveKitServer
 
 MODES = pytest.mark.parametrize("single", [True, False], ids=["single", "dual"])
@@ -116,15 +116,7 @@ async def test_our_track_to_sdk_with_user_timestamp_and_fragmentation(
         assert track.info.name == "ours-telemetry" and track.info.sid.startswith("DTR_")
         remote = await asyncio.wait_for(published.get(), 15)
         assert (remote.publisher_identity, remote.info.name) == ("ours", "ours-telemetry")
-        stream = remote.subscribe()
-        received: list[rtc.DataTrackFrame] = []
-
-        async def read() -> None:
-            async for frame in stream:
-                received.append(frame)
-
-        reader = asyncio.create_task(read())
-        try:
+        async with sdk_frames(remote) as received:
             big = bytes(range(256)) * 200  # 51,200 bytes: four packets
             # Pushed until a copy arrives: the server may drop a burst (see above), and the
             # SDK's subscription takes a round trip. Drops are counted by the server, not us.
@@ -138,9 +130,6 @@ async def test_our_track_to_sdk_with_user_timestamp_and_fragmentation(
                     lambda p=frame.payload: any(r.payload == p for r in received),  # type: ignore[misc]
                     what=f"a {len(frame.payload)}-byte frame at the sdk",
                 )
-        finally:
-            stream.close()
-            reader.cancel()
         by_payload = {f.payload: f for f in received}
         assert by_payload[b"stamped"].user_timestamp == 1_796_000_000_123
         assert by_payload[big].user_timestamp is None

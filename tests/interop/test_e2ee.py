@@ -28,7 +28,7 @@ from bridge.room.rpc import RpcInvocationData
 from bridge.room.server_api import ServerApi
 from bridge.room.types import DataPacketKind
 from tests.conftest import make_token
-from tests.interop.conftest import eventually, our_peer
+from tests.interop.conftest import eventually, our_peer, sdk_frames
 from tests.interop.test_data_tracks import _push_until
 from tests.interop.test_streams import Collector, see_each_other
 from tests.services import LiveKitServer
@@ -318,24 +318,13 @@ async def test_data_track_frames_both_ways(livekit_server: LiveKitServer, room_n
         ours_track = await ours.local_participant.publish_data_track("ours-telemetry")
         remote = await asyncio.wait_for(published.get(), 15)
         assert remote.info.uses_e2ee
-        stream = remote.subscribe()
-        received: list[rtc.DataTrackFrame] = []
-
-        async def read() -> None:
-            async for frame in stream:
-                received.append(frame)
-
-        reader = asyncio.create_task(read())
-        try:
+        async with sdk_frames(remote) as received:
             for ours_frame in (DataTrackFrame(b"stamped", user_timestamp=17), DataTrackFrame(big)):
                 await _push_until(
                     lambda f=ours_frame: ours_track.try_push(f),  # type: ignore[misc]
                     lambda p=ours_frame.payload: any(r.payload == p for r in received),  # type: ignore[misc]
                     what=f"a {len(ours_frame.payload)}-byte frame at the sdk",
                 )
-        finally:
-            stream.close()
-            reader.cancel()
         assert next(r for r in received if r.payload == b"stamped").user_timestamp == 17
 
 
